@@ -1,0 +1,301 @@
+r"""L1 and L∞ BatchNorm layers: drop-in replacements for ``torch.nn.BatchNorm{1,2,3}d``.
+
+One private base owns what differs from torch (the norm, ``low_precision``, ``backend``, running statistics
+kept at least float32); the six public classes only add the input-rank check and, for L∞, ``k``.
+
+References: arXiv:1803.01814
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import functional as F_nd
+
+__all__ = [
+    "L1BatchNorm1d",
+    "L1BatchNorm2d",
+    "L1BatchNorm3d",
+    "LinfBatchNorm1d",
+    "LinfBatchNorm2d",
+    "LinfBatchNorm3d",
+    "L1BatchNormNd",
+    "LinfBatchNormNd",
+]
+
+
+def _widened(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _LpBatchNorm(_BatchNorm):
+    """Shared machinery of the L1 and L∞ layers (torch's ``_BatchNorm`` with another scale)."""
+
+    norm: str = ""
+    _dim: int = 0
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        low_precision: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(low_precision, bool):
+            raise TypeError(f"low_precision must be a bool, got {low_precision!r}")
+        F_nd.validate_backend(backend)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
+        self.low_precision = low_precision
+        self.backend = backend
+        if self.running_mean is not None and self.running_mean.dtype != _widened(self.running_mean.dtype):
+            self.running_mean = self.running_mean.float()
+            self.running_var = self.running_var.float()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _LpBatchNorm:
+        # Running statistics are never narrower than float32: `.half()` would overflow a variance-equivalent
+        # running_var as soon as activations pass 256, exactly the regime the paper is about.
+        stats = {id(t) for t in (self.running_mean, self.running_var) if t is not None}
+
+        def keep_wide(t: Tensor) -> Tensor:
+            out = fn(t)
+            if id(t) in stats and out.is_floating_point() and out.dtype != _widened(out.dtype):
+                return t.to(device=out.device, dtype=_widened(out.dtype))
+            return out
+
+        return super()._apply(keep_wide, recurse)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _, rank_text, ranks, _, _ = _DIMS[self._dim]
+        if input.dim() not in ranks:
+            raise ValueError(f"expected {rank_text} input (got {input.dim()}D input)")
+
+    def _functional_kwargs(self) -> dict[str, Any]:
+        return {"low_precision": self.low_precision, "backend": self.backend}
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        fn = F_nd.l1_batch_norm if self.norm == "l1" else F_nd.linf_batch_norm
+        return fn(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+            **self._functional_kwargs(),
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", low_precision={self.low_precision}, backend={self.backend!r}"
+
+
+class _LinfMixin:
+    """Adds ``k``, the number of largest |x - mean| averaged by the L∞ scale."""
+
+    norm = "linf"
+
+    def _init_k(self, k: int) -> None:
+        self.k = F_nd.validate_k(k)
+
+    def _functional_kwargs(self) -> dict[str, Any]:
+        return {"k": self.k, **super()._functional_kwargs()}  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", k={self.k}"  # type: ignore[misc]
+
+
+class _L1(_LpBatchNorm):
+    norm = "l1"
+
+
+class _Linf(_LinfMixin, _LpBatchNorm):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        k: int = 1,
+        low_precision: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        self._init_k(k)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            low_precision=low_precision,
+            backend=backend,
+        )
+
+
+_SHAPE_NOTE = r"""
+    The scale is computed per channel over the ``n = N * spatial`` values of the batch, with mean
+    :math:`\mu` and deviations :math:`d = x - \mu`; the output in training is
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{s^2 + \epsilon}} \cdot \gamma + \beta
+
+    Running statistics follow torch's rule ``new = (1 - momentum) * old + momentum * batch`` (a cumulative
+    average with ``momentum=None``) with ``running_var`` tracking the variance-equivalent
+    :math:`s^2 n / (n - 1)`, so eval mode is exactly :class:`torch.nn.BatchNorm${dim}d`'s eval and state dicts
+    move between this layer and torch's in both directions. Running statistics are kept at least float32,
+    also after ``.half()``; a batch whose statistics are not finite leaves them unchanged (with a warning, once).
+
+    Args:
+        num_features: ``C`` from an expected input of size ``${shape}``.
+        eps: added to :math:`s^2` for numerical stability. Default: ``1e-5``.
+        momentum: the running-average factor, or ``None`` for a cumulative average. Default: ``0.1``.
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: ``True``.
+        track_running_stats: keep running statistics (else batch statistics in eval too). Default: ``True``.
+        device, dtype: factory arguments for the parameters and buffers.
+        bias: with ``affine``, whether to learn ``bias`` (as torch's keyword). Default: ``True``.${extra}
+        low_precision: compute the statistics in the input dtype (fp16/bf16) without upcasting: a pairwise
+            mean of means, no squares. Default: ``False`` (float32 statistics, like cuDNN).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``. Default: ``"auto"``.
+
+    Shape:
+        - Input: ``${shape}``
+        - Output: same shape (and memory format) as the input
+
+    Raises:
+        ValueError: for the wrong input rank (``expected ${rank} input (got ...D input)``), one value per
+            channel in training, or bad arguments.
+
+    Example::
+
+        >>> import torch
+        >>> import normdecouple as nd
+        >>> layer = nd.${name}(${example_c}${example_kw})
+        >>> layer(${example_input}).shape
+        torch.Size(${example_shape})
+
+    References: arXiv:1803.01814
+"""
+
+_L1_FORMULA = r"""
+    Here :math:`s = \sqrt{\pi/2}\,\operatorname{mean}|d|`, which estimates the standard deviation for
+    Gaussian activations and needs no squares.
+"""
+
+_LINF_FORMULA = r"""
+    Here :math:`s = \operatorname{mean}(\text{top-}k\ |d|) / c(n, k)`, with :math:`c(n, k)` the expected mean
+    of the k largest absolute values of n standard normal samples (computed exactly by numerical integration,
+    :func:`normdecouple.functional.topk_constant`), so that :math:`s` estimates the batch's standard deviation
+    for Gaussian activations (within 0.2% for n >= 16; below n = 16 a small k runs low, about 6% at n = 4,
+    k = 1). Values tied at the k-th place share the scale's gradient evenly.
+"""
+
+_K_ARG = """
+        k: how many of the largest ``|x - mean|`` are averaged; ``k=1`` is the plain maximum. Default: ``1``."""
+
+# dim -> (shape text, rank text, accepted ranks, example input, example output size); dim 0 accepts any rank
+# >= 2, like torch.nn.SyncBatchNorm, whose conversions it receives.
+_DIMS = {
+    0: ("(N, C, *)", "at least 2D", tuple(range(2, 64)), "torch.randn(8, 16, 5, 5)", "[8, 16, 5, 5]"),
+    1: ("(N, C) or (N, C, L)", "2D or 3D", (2, 3), "torch.randn(8, 16)", "[8, 16]"),
+    2: ("(N, C, H, W)", "4D", (4,), "torch.randn(8, 16, 5, 5)", "[8, 16, 5, 5]"),
+    3: ("(N, C, D, H, W)", "5D", (5,), "torch.randn(4, 16, 3, 5, 5)", "[4, 16, 3, 5, 5]"),
+}
+
+
+def _doc(title: str, name: str, dim: int, linf: bool) -> str:
+    shape, rank, _, example_input, example_shape = _DIMS[dim]
+    formula = _LINF_FORMULA if linf else _L1_FORMULA
+    return (
+        f"{title} over a {rank} input: a drop-in replacement for :class:`torch.nn.BatchNorm{dim}d`.\n"
+        + formula
+        + string.Template(_SHAPE_NOTE).substitute(
+            dim=dim,
+            shape=shape,
+            rank=rank,
+            extra=_K_ARG if linf else "",
+            name=name,
+            example_c="16",
+            example_kw=", k=4" if linf else "",
+            example_input=example_input,
+            example_shape=example_shape,
+        )
+    )
+
+
+class L1BatchNorm1d(_L1):
+    __doc__ = _doc("L1 batch normalization", "L1BatchNorm1d", 1, False)
+    _dim = 1
+
+
+class L1BatchNorm2d(_L1):
+    __doc__ = _doc("L1 batch normalization", "L1BatchNorm2d", 2, False)
+    _dim = 2
+
+
+class L1BatchNorm3d(_L1):
+    __doc__ = _doc("L1 batch normalization", "L1BatchNorm3d", 3, False)
+    _dim = 3
+
+
+class L1BatchNormNd(_L1):
+    __doc__ = _doc("L1 batch normalization", "L1BatchNormNd", 0, False).replace(
+        ":class:`torch.nn.BatchNorm0d`", ":class:`torch.nn.SyncBatchNorm` (unsynchronised, any rank)"
+    )
+    _dim = 0
+
+
+class LinfBatchNorm1d(_Linf):
+    __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNorm1d", 1, True)
+    _dim = 1
+
+
+class LinfBatchNorm2d(_Linf):
+    __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNorm2d", 2, True)
+    _dim = 2
+
+
+class LinfBatchNorm3d(_Linf):
+    __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNorm3d", 3, True)
+    _dim = 3
+
+
+class LinfBatchNormNd(_Linf):
+    __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNormNd", 0, True).replace(
+        ":class:`torch.nn.BatchNorm0d`", ":class:`torch.nn.SyncBatchNorm` (unsynchronised, any rank)"
+    )
+    _dim = 0

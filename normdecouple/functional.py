@@ -1,0 +1,259 @@
+r"""Functional L1 and L∞ batch normalization: the single dispatch point every layer goes through.
+
+``l1_batch_norm`` and ``linf_batch_norm`` mirror :func:`torch.nn.functional.batch_norm`: in training they
+normalise with the batch statistics and update the running statistics in place; otherwise they apply torch's
+BatchNorm eval formula with the running statistics.
+
+References: arXiv:1803.01814
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from ._constants import L1_SCALE, topk_constant
+from ._torch_backend import LpBatchNormFunction
+
+__all__ = ["l1_batch_norm", "linf_batch_norm", "topk_constant", "L1_SCALE", "BACKENDS", "NORMS"]
+
+#: Accepted values of ``backend``.
+BACKENDS = ("auto", "torch", "triton")
+#: Accepted values of ``norm`` in the converters and layers.
+NORMS = ("l1", "linf")
+
+_nonfinite_warned = False
+
+
+def validate_backend(backend: str) -> str:
+    """Check ``backend`` and return it; raise a ValueError naming the choices otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise ValueError(
+            "backend='triton' needs normdecouple's Triton kernels, which this version does not ship yet; "
+            "use backend='auto' (the PyTorch path on every device) or backend='torch'"
+        )
+    return backend
+
+
+def validate_k(k: int) -> int:
+    """Check the top-k count of the L∞ scale."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int (how many of the largest |x - mean| are averaged), got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (k=1 is the plain maximum of |x - mean|), got k={k}")
+    return k
+
+
+def _verify_batch_size(input: Tensor) -> None:
+    size = input.size()
+    count = size[0]
+    for extent in size[2:]:
+        count *= extent
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_scale: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """The one place running statistics change: ``new = (1 - momentum) * old + momentum * batch``.
+
+    ``running_var`` follows the variance-equivalent ``s^2 * n / (n - 1)``. A channel whose batch statistics
+    are not finite keeps its old values, and a warning is issued once per process.
+    """
+    with torch.no_grad():
+        dtype = running_mean.dtype
+        mean = batch_mean.to(dtype)
+        scale = batch_scale.to(dtype)
+        var = scale * scale * (count / (count - 1))
+        finite = torch.isfinite(mean) & torch.isfinite(var)
+        running_mean.copy_(torch.where(finite, torch.lerp(running_mean, mean, momentum), running_mean))
+        running_var.copy_(torch.where(finite, torch.lerp(running_var, var, momentum), running_var))
+        global _nonfinite_warned
+        # The check needs the value on the host; compiled graphs skip the warning (not the protection).
+        if not _nonfinite_warned and not torch.compiler.is_compiling() and not bool(finite.all()):
+            _nonfinite_warned = True
+            bad = int((~finite).sum())
+            warnings.warn(
+                f"normdecouple batch norm: the batch statistics of {bad} channel(s) are not finite "
+                "(overflow or NaN input); their running statistics were left unchanged. "
+                "This warning is shown once.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _lp_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    norm: str,
+    k: int,
+    low_precision: bool,
+    backend: str,
+) -> Tensor:
+    validate_backend(backend)
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:
+        if running_mean is None:
+            raise ValueError(
+                "running_mean and running_var are required when training=False; pass training=True to "
+                "normalise with the batch statistics"
+            )
+        stat_dtype = running_mean.dtype
+        w = None if weight is None else weight.to(stat_dtype)
+        b = None if bias is None else bias.to(stat_dtype)
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, w, b, False, 0.0, eps)
+    _verify_batch_size(input)
+    count = input.numel() // input.shape[1]
+    if norm == "linf" and k > count:
+        raise ValueError(
+            f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
+            f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
+        )
+    y, batch_mean, batch_scale, _, _, _ = LpBatchNormFunction.apply(
+        input, weight, bias, eps, norm, k, low_precision
+    )
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, batch_mean, batch_scale, count, momentum)
+    return y
+
+
+def l1_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    low_precision: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    r"""L1 batch normalization, mirroring :func:`torch.nn.functional.batch_norm`.
+
+    .. math::
+
+        \mu = \tfrac1n \sum_i x_i,\quad s = \sqrt{\tfrac{\pi}{2}}\;\tfrac1n \sum_i |x_i - \mu|,\quad
+        y = \frac{x - \mu}{\sqrt{s^2 + \epsilon}}\,\gamma + \beta
+
+    per channel over the ``n = N * spatial`` values. In training the running statistics (if given) are
+    updated in place: ``running_mean`` towards ``mu`` and ``running_var`` towards the variance-equivalent
+    ``s^2 n / (n - 1)``; channels whose batch statistics are not finite are left unchanged (with a warning,
+    once). With ``training=False`` it is exactly torch's BatchNorm eval.
+
+    Args:
+        input: ``(N, C, *)`` tensor, contiguous or channels_last.
+        running_mean: ``(C,)`` running mean or ``None``; kept at least float32.
+        running_var: ``(C,)`` running variance or ``None``.
+        weight: ``(C,)`` scale gamma or ``None``. Default: ``None``.
+        bias: ``(C,)`` shift beta or ``None``. Default: ``None``.
+        training: use and update batch statistics. Default: ``False``.
+        momentum: running-average factor. Default: ``0.1``.
+        eps: added to ``s^2``. Default: ``1e-5``.
+        low_precision: compute the statistics in the input's dtype (fp16/bf16) without upcasting: a pairwise
+            mean of means, no squares. Default: ``False`` (statistics accumulated in float32).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``. Default: ``"auto"`` (the PyTorch path).
+
+    Returns:
+        The normalised tensor, same shape, dtype and memory format as ``input``.
+
+    Raises:
+        ValueError: for an input with fewer than 2 dimensions, one value per channel in training, a
+            non-positive ``eps`` in training, missing running statistics in eval, or an unknown ``backend``.
+
+    Example::
+
+        >>> import torch
+        >>> from normdecouple.functional import l1_batch_norm
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> rm, rv = torch.zeros(3), torch.ones(3)
+        >>> y = l1_batch_norm(x, rm, rv, training=True)
+        >>> y.shape
+        torch.Size([8, 3, 4, 4])
+
+    References: arXiv:1803.01814
+    """
+    return _lp_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, "l1", 1, low_precision, backend
+    )
+
+
+def linf_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    k: int = 1,
+    low_precision: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    r"""L∞ (top-k) batch normalization, mirroring :func:`torch.nn.functional.batch_norm`.
+
+    .. math::
+
+        s = \frac{1}{c(n, k)}\;\frac1k \sum_{j=1}^{k} |x - \mu|_{(n-j+1)},\qquad
+        y = \frac{x - \mu}{\sqrt{s^2 + \epsilon}}\,\gamma + \beta
+
+    where ``|x - mu|_(n-j+1)`` is the j-th largest absolute deviation of the channel and ``c(n, k)``
+    (:func:`topk_constant`) the expected mean of the k largest of n absolute standard normal values, so that
+    ``s`` estimates the batch's standard deviation for Gaussian input. Running statistics as in
+    :func:`l1_batch_norm`. In the backward, the gradient of the scale flows into the k largest |x - mu|; values
+    tied at the k-th place share it evenly.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps, low_precision, backend:
+            as in :func:`l1_batch_norm`.
+        k: how many of the largest ``|x - mu|`` are averaged; ``k=1`` is the plain maximum. Must not exceed
+            the number of values per channel in training. Default: ``1``.
+
+    Returns:
+        The normalised tensor, same shape, dtype and memory format as ``input``.
+
+    Raises:
+        ValueError: as :func:`l1_batch_norm`, and for ``k < 1`` or ``k`` larger than the values per channel.
+        TypeError: if ``k`` is not an int.
+
+    Example::
+
+        >>> import torch
+        >>> from normdecouple.functional import linf_batch_norm
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> y = linf_batch_norm(x, None, None, training=True, k=4)
+        >>> y.shape
+        torch.Size([8, 3, 4, 4])
+
+    References: arXiv:1803.01814
+    """
+    validate_k(k)
+    return _lp_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, "linf", k, low_precision, backend
+    )
