@@ -49,18 +49,47 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-@torch.compiler.assume_constant_result
-def _topk_constant(n: int, k: int) -> float:
-    # A compile-time constant for torch.compile: the (cached) integral is evaluated once per shape.
+@torch.library.custom_op("normdecouple::topk_constant", mutates_args=())
+def _topk_constant_op(n: int, k: int) -> Tensor:
+    return torch.tensor(topk_constant(n, k), dtype=torch.float64)
+
+
+@_topk_constant_op.register_fake
+def _(n: int, k: int) -> Tensor:
+    return torch.empty((), dtype=torch.float64)
+
+
+def _topk_constant(n: int, k: int) -> float | Tensor:
+    # Under torch.compile n may be symbolic (dynamic batch sizes), so the cached integral is called through a
+    # custom op at run time; eagerly it is a plain float.
+    if torch.compiler.is_compiling():
+        return _topk_constant_op(n, k)
     return topk_constant(n, k)
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
 
 
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:
     return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _canonical(x: Tensor, channels_last: bool) -> Tensor:
+    """A 3-D (A, C, B) view of ``x`` with contiguous memory: (N, C, spatial) or, for channels_last, (N*spatial, C, 1).
+
+    Elementwise ops with a (1, C, 1) per-channel vector and reductions over dims (0, 2) run several times
+    faster on this view than on the 4-D/5-D tensor; ``reshape`` copies only for other, rarer layouts.
+    """
+    if channels_last:
+        return x.movedim(1, -1).reshape(-1, x.shape[1], 1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _uncanonical(v: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    if channels_last:
+        return v.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return v.view(shape)
 
 
 def _channel_major(x: Tensor) -> Tensor:
@@ -95,14 +124,14 @@ def _hypot(s: Tensor, root_eps: float) -> Tensor:
 
 
 def _scale_from_deviations(abs_dev: Tensor, norm: str, k: int, n: int, lowp: bool) -> tuple[Tensor, Tensor | None]:
-    """Scale s (and, for L∞, the k-th largest |d|) from |d| laid out as (C, n) (lowp) or as the input."""
+    """Scale s (and, for L∞, the k-th largest |d|) from |d| laid out as (C, n) (lowp) or (A, C, B)."""
     if norm == "l1":
         if lowp:
             return _tree_mean(abs_dev) * L1_SCALE, None
-        return torch.linalg.vector_norm(abs_dev, 1, dim=_reduce_dims(abs_dev)) * (L1_SCALE / n), None
+        return abs_dev.sum(dim=(0, 2)) * (L1_SCALE / n), None
     inv_c = 1.0 / _topk_constant(n, k)
     if k == 1 and not lowp:
-        top = abs_dev.amax(dim=_reduce_dims(abs_dev))
+        top = abs_dev.amax(dim=(0, 2))
         return top * inv_c, top
     per_channel = abs_dev if lowp else _channel_major(abs_dev)
     top = per_channel.topk(k, dim=1, sorted=False).values
@@ -113,9 +142,9 @@ def _scale_from_deviations(abs_dev: Tensor, norm: str, k: int, n: int, lowp: boo
 
 def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: str, k: int, n: int):
     acc = accumulate_dtype(x.dtype)
-    dims = _reduce_dims(x)
-    mean = x.mean(dim=dims, dtype=acc)
-    abs_dev = (x - _per_channel(mean, x)).abs_()
+    view = _canonical(x, _is_channels_last(x))
+    mean = view.mean(dim=(0, 2), dtype=acc)
+    abs_dev = (view - mean[:, None]).abs_()
     scale, threshold = _scale_from_deviations(abs_dev, norm, k, n, lowp=False)
     del abs_dev
     scale_sq = scale * scale
@@ -147,34 +176,31 @@ def _forward_lowp(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 class LpBatchNormFunction(torch.autograd.Function):
     """Training-mode L1/L∞ batch norm with the closed-form backward of the module docstring.
 
-    ``apply(x, weight, bias, eps, norm, k, low_precision)`` returns ``(y, batch_mean, batch_scale, inv_std,
-    lowp_mean, threshold)``: the statistics are in :func:`accumulate_dtype` and carry no gradient (running
-    statistics are updated by the caller, never here); ``lowp_mean`` is the mean in the input dtype that the
-    low-precision deviations were taken from (else None) and ``threshold`` the k-th largest |d| (L∞, else
-    None), both kept so that the backward recomputes exactly the forward's deviations.
+    ``apply(x, weight, bias, eps, norm, k, low_precision)`` returns ``(y, batch_mean, batch_scale)``; the
+    statistics are in :func:`accumulate_dtype` and carry no gradient (running statistics are updated by the
+    caller, never here). Besides the input and weight, the backward keeps per-channel vectors only: the mean,
+    1/s_e, s, and for L∞ the k-th largest |d| (for the tie rule); in low precision also the mean in the input
+    dtype, so that it recomputes exactly the forward's deviations.
     """
 
     @staticmethod
-    def forward(x, weight, bias, eps, norm, k, low_precision):
+    def forward(ctx, x, weight, bias, eps, norm, k, low_precision):
         n = x.numel() // x.shape[1]
-        forward = _forward_lowp if low_precision and x.dtype in (torch.float16, torch.bfloat16) else _forward_full
-        return forward(x, weight, bias, eps, norm, k, n)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, eps, norm, k, low_precision = inputs
-        y, batch_mean, scale, inv_std, lowp_mean, threshold = output
+        lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
+        forward = _forward_lowp if lowp else _forward_full
+        y, batch_mean, scale, inv_std, lowp_mean, threshold = forward(x, weight, bias, eps, norm, k, n)
         ctx.norm, ctx.k = norm, k
+        ctx.channels_last = _is_channels_last(x)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, batch_mean, scale, inv_std, lowp_mean, threshold)
-        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        ctx.mark_non_differentiable(batch_mean, scale)
+        return y, batch_mean, scale
 
     @staticmethod
-    def backward(ctx, grad_y, *unused):
+    def backward(ctx, grad_y, grad_mean, grad_scale):
         x, weight, batch_mean, scale, inv_std, lowp_mean, threshold = ctx.saved_tensors
         acc = inv_std.dtype
         n = x.numel() // x.shape[1]
-        dims = _reduce_dims(x)
         # One fused reduction pass: sum(dy * x_hat) and sum(dy), in at least float32.
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, None, None, None, batch_mean, inv_std, True, 0.0, [False, True, True]
@@ -183,27 +209,38 @@ class LpBatchNormFunction(torch.autograd.Function):
         mean_g = gamma * sum_dy / n
         mean_g_xhat = gamma * sum_dy_xhat / n
         ratio = scale * inv_std
-        dev = x - _per_channel(batch_mean if lowp_mean is None else lowp_mean, x)
-        sign = torch.sign(dev)
+        channels_last = ctx.channels_last
+        view = _canonical(x, channels_last)
+        dev = view - (batch_mean if lowp_mean is None else lowp_mean)[:, None]
         if ctx.norm == "l1":
             # a_i = sqrt(pi/2) sign(d_i) / n
             coef = -ratio * inv_std * mean_g_xhat * L1_SCALE
-            u = sign
+            u = dev.sign_()
         else:
-            # a_i = sign(d_i) w_i / (k c): the k-th place shared evenly by the values tied at t.
+            # a_i = sign(d_i) w_i / (k c): the k-th place shared evenly by the values tied at t. On the tied
+            # values sign(d) = d / t, which saves a pass; t = 0 means every d is 0 and so is the gradient.
             abs_dev = dev.abs()
-            thr = _per_channel(threshold, x)
-            above = abs_dev > thr
+            thr = threshold.to(abs_dev.dtype)[:, None]
             tied = abs_dev == thr
-            n_above = above.sum(dim=dims, dtype=acc)
-            n_tied = tied.sum(dim=dims, dtype=acc)
-            tie_share = (ctx.k - n_above) / n_tied
-            u = sign.to(acc) * (above.to(acc) + tied.to(acc) * _per_channel(tie_share, x))
+            n_tied = tied.sum(dim=(0, 2)).to(acc)
+            if ctx.k == 1:
+                share = 1.0 / n_tied
+                above = None
+            else:
+                above = abs_dev > thr
+                share = (ctx.k - above.sum(dim=(0, 2)).to(acc)) / n_tied
+            del abs_dev
+            t = threshold.to(acc)
+            per_unit = torch.where(t > 0, share / t, torch.zeros_like(t))[:, None]
+            u = torch.where(tied, dev * per_unit, 0.0)
+            if above is not None:
+                u = torch.where(above, dev.sign().to(acc), u)
             coef = -ratio * inv_std * mean_g_xhat * (n / (ctx.k * _topk_constant(n, ctx.k)))
-        mean_u = u.mean(dim=dims, dtype=acc)
+        mean_u = u.sum(dim=(0, 2), dtype=acc) / n
         offset = -(mean_g * inv_std) - coef * mean_u
-        grad_x = torch.addcmul(_per_channel(offset, x), u, _per_channel(coef, x))
-        grad_x = grad_x.addcmul_(grad_y, _per_channel(gamma * inv_std, x)).to(x.dtype)
+        grad_x = torch.addcmul(offset[:, None], u, coef[:, None])
+        grad_x.addcmul_(_canonical(grad_y, channels_last), (gamma * inv_std)[:, None])
+        grad_x = _uncanonical(grad_x, x.shape, channels_last).to(x.dtype)
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None

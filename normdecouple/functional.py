@@ -132,7 +132,7 @@ def _lp_batch_norm(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
             f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
         )
-    y, batch_mean, batch_scale, _, _, _ = LpBatchNormFunction.apply(
+    y, batch_mean, batch_scale = LpBatchNormFunction.apply(
         input, weight, bias, eps, norm, k, low_precision
     )
     if running_mean is not None:
