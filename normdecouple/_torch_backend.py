@@ -197,6 +197,7 @@ class LpBatchNormFunction(torch.autograd.Function):
         return y, batch_mean, scale
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_mean, grad_scale):
         x, weight, batch_mean, scale, inv_std, lowp_mean, threshold = ctx.saved_tensors
         acc = inv_std.dtype

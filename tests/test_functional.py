@@ -1,0 +1,284 @@
+"""normdecouple.functional against the float64 reference, autograd.gradcheck and torch's own batch norm."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from normdecouple._reference import reference_batch_norm
+from normdecouple.functional import l1_batch_norm, linf_batch_norm
+
+# (norm, k) cases: the L1 scale, the plain maximum and a top-k mean.
+NORMS = [("l1", 1), ("linf", 1), ("linf", 3)]
+# (dtype, atol, rtol): float32 loses ~1e-6 relative per op over a few reductions; half precision inputs are
+# compared after one rounding of the output to 11 (fp16) or 8 (bf16) significant bits.
+TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 2e-4), torch.float16: (4e-3, 4e-3),
+              torch.bfloat16: (3e-2, 3e-2)}
+
+
+def _fn(norm, k):
+    if norm == "l1":
+        return lambda *a, **kw: l1_batch_norm(*a, **kw)
+    return lambda *a, **kw: linf_batch_norm(*a, k=k, **kw)
+
+
+def _params(c, dtype=torch.float64):
+    weight = torch.empty(c, dtype=dtype).uniform_(0.5, 1.5).requires_grad_()
+    bias = torch.randn(c, dtype=dtype).requires_grad_()
+    return weight, bias
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(norm, k, affine, training):
+    x = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    weight, bias = _params(2) if affine else (None, None)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    fn = _fn(norm, k)
+    inputs = (x,) + ((weight, bias) if affine else ())
+
+    def run(x, *wb):
+        w, b = wb if wb else (None, None)
+        return fn(x, rm.clone(), rv.clone(), w, b, training=training)
+
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+def _reference_run(x, norm, k, weight, bias, rm, rv, momentum, grad):
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    w64 = None if weight is None else weight.detach().to(torch.float64).requires_grad_()
+    b64 = None if bias is None else bias.detach().to(torch.float64).requires_grad_()
+    rm64, rv64 = rm.to(torch.float64), rv.to(torch.float64)
+    y = reference_batch_norm(x64, rm64, rv64, w64, b64, True, momentum, 1e-5, norm=norm, k=k)
+    leaves = [x64] + [t for t in (w64, b64) if t is not None]
+    grads = torch.autograd.grad(y, leaves, grad.to(torch.float64))
+    return y, rm64, rv64, grads
+
+
+def _our_run(x, norm, k, weight, bias, rm, rv, momentum, grad, low_precision=False):
+    xt = x.detach().clone().requires_grad_()
+    wt = None if weight is None else weight.detach().clone().requires_grad_()
+    bt = None if bias is None else bias.detach().clone().requires_grad_()
+    y = _fn(norm, k)(xt, rm, rv, wt, bt, training=True, momentum=momentum, low_precision=low_precision)
+    leaves = [xt] + [t for t in (wt, bt) if t is not None]
+    grads = torch.autograd.grad(y, leaves, grad)
+    return y, grads
+
+
+def check_against_reference(x, norm, k, affine=True, momentum=0.1, low_precision=False, tol=None):
+    c = x.shape[1]
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = torch.empty(c, dtype=x.dtype).uniform_(0.5, 1.5) if affine else None
+    bias = torch.randn(c, dtype=x.dtype) if affine else None
+    rm, rv = torch.randn(c, dtype=stat_dtype), torch.rand(c, dtype=stat_dtype) + 0.5
+    grad = torch.randn(x.shape, dtype=x.dtype)
+    y64, rm64, rv64, ref_grads = _reference_run(x, norm, k, weight, bias, rm.clone(), rv.clone(), momentum, grad)
+    y, grads = _our_run(x, norm, k, weight, bias, rm, rv, momentum, grad, low_precision)
+    atol, rtol = tol or TOLERANCES[x.dtype]
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.to(torch.float64), y64, atol=atol, rtol=rtol)
+    torch.testing.assert_close(rm.to(torch.float64), rm64, atol=atol, rtol=rtol)
+    torch.testing.assert_close(rv.to(torch.float64), rv64, atol=atol, rtol=rtol)
+    for ours, ref in zip(grads, ref_grads):
+        assert ours.dtype == x.dtype
+        scale = ref.abs().max().item() + 1.0
+        torch.testing.assert_close(ours.to(torch.float64), ref, atol=atol * scale, rtol=rtol)
+    return y
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 3),  # 1d (N, C), the minimum batch in training
+        (2, 1, 3, 1),  # C = 1, a 3-value channel
+        (3, 5, 1, 1),  # HW = 1: only the batch dimension varies
+        (5, 7, 3),  # 1d (N, C, L), odd sizes
+        (4, 6, 5, 7),  # non-power-of-two spatial
+        (2, 3, 2, 3, 5),  # 3d input
+        (9, 2, 33, 17),  # more values per channel than a small block
+    ],
+)
+def test_matches_reference_float32(norm, k, shape):
+    if norm == "linf" and k > math.prod(shape) // shape[1]:
+        pytest.skip("k exceeds the values per channel of this shape (tested in test_k_larger_than_n)")
+    check_against_reference(torch.randn(shape), norm, k)
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+def test_matches_reference_float64_no_affine_momentum_one(norm, k):
+    check_against_reference(torch.randn(4, 3, 5, 5, dtype=torch.float64), norm, k, affine=False, momentum=1.0)
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+def test_channels_last_and_noncontiguous(norm, k):
+    base = torch.randn(4, 6, 5, 7)
+    y_cl = check_against_reference(base.to(memory_format=torch.channels_last), norm, k)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    # A strided slice: every other channel and a cropped width, as a view.
+    sliced = torch.randn(4, 12, 5, 9)[:, ::2, :, 1:8]
+    assert not sliced.is_contiguous()
+    check_against_reference(sliced, norm, k)
+    check_against_reference(torch.randn(2, 4, 3, 5, 6).to(memory_format=torch.channels_last_3d), norm, k)
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_float32_statistics(norm, k, dtype):
+    check_against_reference(torch.randn(4, 3, 6, 5).to(dtype), norm, k)
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_matches_reference(norm, k, dtype):
+    check_against_reference(torch.randn(4, 3, 6, 5).to(dtype), norm, k, low_precision=True)
+
+
+def _fp16_l2_batch_norm(x):
+    """Plain L2 batch norm with every step in fp16 (what 'no upcast' means for L2): mean(d^2) overflows."""
+    xc = x.transpose(0, 1).reshape(x.shape[1], -1)
+    mean = xc.sum(dim=1, dtype=torch.float16) / xc.shape[1]
+    d = xc - mean[:, None]
+    var = (d * d).sum(dim=1, dtype=torch.float16) / xc.shape[1]
+    return var
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+def test_low_precision_large_fp16_activations(norm, k):
+    # Activations around 1e3 with a spread of ~1e3: squares reach 1e6 > 65504, the fp16 maximum.
+    x = (1000.0 + 900.0 * torch.randn(16, 4, 16, 16)).to(torch.float16)
+    assert not torch.isfinite(_fp16_l2_batch_norm(x)).all(), "the L2 control should overflow in fp16"
+    # And a plain fp16 sum of the 4096 values of a channel overflows too (4e6), which the blocked mean avoids.
+    assert not torch.isfinite(x.transpose(0, 1).reshape(4, -1).cumsum(dim=1)[:, -1]).all()
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = _fn(norm, k)(x, rm, rv, training=True, momentum=1.0, low_precision=True)
+    assert torch.isfinite(y).all() and torch.isfinite(rm).all() and torch.isfinite(rv).all()
+    y64 = reference_batch_norm(x.double(), None, None, training=True, norm=norm, k=k)
+    torch.testing.assert_close(y.double(), y64, atol=2e-2, rtol=2e-2)
+    rm64, rv64 = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    reference_batch_norm(x.double(), rm64, rv64, training=True, momentum=1.0, norm=norm, k=k)
+    torch.testing.assert_close(rm.double(), rm64, rtol=2e-3, atol=1.0)
+    torch.testing.assert_close(rv.double(), rv64, rtol=1e-2, atol=0.0)
+
+
+def test_low_precision_is_computed_in_input_dtype():
+    # An fp16 channel whose mean is not representable: a float32 accumulator would give the exact mean of
+    # the rounded values; the fp16 pairwise mean rounds at every level. Both must be close, and the fp16
+    # result must be an fp16 number computed without a wider accumulator (it differs from the wide one).
+    x = (torch.arange(1, 1 + 3 * 1024, dtype=torch.float32) / 7.0 + 2000.0).to(torch.float16).view(3, 1, 32, 32)
+    rm, rv = torch.zeros(1), torch.ones(1)
+    l1_batch_norm(x, rm, rv, training=True, momentum=1.0, low_precision=True)
+    wide = x.double().mean().item()
+    assert rm.item() == pytest.approx(wide, rel=1e-3)
+    assert rm.item() == float(torch.tensor(rm.item()).to(torch.float16))
+
+
+@pytest.mark.parametrize("norm,k", [("linf", 1), ("linf", 2)])
+def test_ties_share_the_gradient_evenly(norm, k):
+    # Channel values with |d| tied at the top: -3 and 3 (mean 0). Breaking the tie either way and averaging
+    # the reference's (tie-free) gradients must give ours.
+    base = torch.tensor([-3.0, 3.0, 1.0, -1.0, 0.5, -0.5], dtype=torch.float64).view(6, 1)
+    grad = torch.randn(6, 1, dtype=torch.float64)
+    x = base.clone().requires_grad_()
+    ours = torch.autograd.grad(linf_batch_norm(x, None, None, training=True, k=k), x, grad)[0]
+    broken = []
+    for index in (0, 1):
+        xb = base.clone()
+        xb[index] *= 1 + 1e-9
+        xb.requires_grad_()
+        y = reference_batch_norm(xb, None, None, training=True, norm=norm, k=k)
+        broken.append(torch.autograd.grad(y, xb, grad)[0])
+    expected = (broken[0] + broken[1]) / 2 if k == 1 else broken[0]
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_constant_channel_has_finite_output_and_gradient():
+    x = torch.full((4, 2, 3, 3), 5.0, requires_grad=True)
+    for fn in (_fn("l1", 1), _fn("linf", 1), _fn("linf", 4)):
+        y = fn(x, None, None, training=True)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert torch.all(y == 0) and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("norm,k", NORMS)
+def test_nonfinite_batch_skips_running_update_and_warns_once(norm, k, fresh_warning_state):
+    x = torch.randn(4, 3, 5, 5)
+    x[0, 1, 0, 0] = float("inf")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="1 channel"):
+        y = _fn(norm, k)(x, rm, rv, training=True)
+    assert rm[1] == 0 and rv[1] == 1  # channel 1 untouched
+    assert rm[0] != 0 and rv[0] != 1 and rm[2] != 0  # the others updated
+    assert y.shape == x.shape  # the output is still computed and returned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fn(norm, k)(x, rm, rv, training=True)
+
+
+def test_eval_is_torch_batch_norm_eval():
+    x = torch.randn(4, 3, 5, 5)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.1
+    w, b = torch.randn(3), torch.randn(3)
+    expected = torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
+    for fn in (_fn("l1", 1), _fn("linf", 3)):
+        torch.testing.assert_close(fn(x, rm, rv, w, b, training=False, eps=1e-3), expected, rtol=0, atol=0)
+
+
+def test_running_mean_equals_torch_and_running_var_estimates_variance():
+    # The running mean has the same definition as torch's; the variance-equivalent running_var estimates
+    # sigma^2 for Gaussian data (unbiased like torch's), here with 65536 values per channel.
+    # The top-k scale of one batch is noisier than the L1 one, hence the average over 16 channels.
+    x = 2.0 + 3.0 * torch.randn(64, 16, 32, 32, dtype=torch.float64)
+    torch_rm, torch_rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
+    torch.nn.functional.batch_norm(x, torch_rm, torch_rv, training=True, momentum=1.0)
+    for fn, rtol in ((_fn("l1", 1), 0.01), (_fn("linf", 8), 0.03)):
+        rm, rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
+        fn(x, rm, rv, training=True, momentum=1.0)
+        torch.testing.assert_close(rm, torch_rm)
+        assert rv.mean().item() == pytest.approx(9.0, rel=rtol)
+
+
+def test_errors_match_torch():
+    x1 = torch.randn(1, 3, 1, 1)
+    with pytest.raises(ValueError) as theirs:
+        torch.nn.functional.batch_norm(x1, None, None, training=True)
+    for fn in (_fn("l1", 1), _fn("linf", 1)):
+        with pytest.raises(ValueError) as ours:
+            fn(x1, None, None, training=True)
+        assert str(ours.value) == str(theirs.value)
+        with pytest.raises(ValueError, match="eps must be positive"):
+            fn(torch.randn(4, 3), None, None, training=True, eps=0.0)
+        with pytest.raises(ValueError, match="required when training=False"):
+            fn(torch.randn(4, 3), None, None, training=False)
+        with pytest.raises(ValueError, match="at least 2D"):
+            fn(torch.randn(4), None, None, training=True)
+
+
+def test_k_larger_than_n():
+    with pytest.raises(ValueError, match=r"k=7 exceeds the n=6 values per channel.*use k <= 6"):
+        linf_batch_norm(torch.randn(2, 3, 3), None, None, training=True, k=7)
+    linf_batch_norm(torch.randn(2, 3, 3), None, None, training=True, k=6)  # k = n is the L1-like mean
+
+
+@pytest.mark.parametrize("k,error,match", [(0, ValueError, "at least 1"), (2.0, TypeError, "must be an int")])
+def test_bad_k(k, error, match):
+    with pytest.raises(error, match=match):
+        linf_batch_norm(torch.randn(4, 3), None, None, training=True, k=k)
+
+
+@pytest.mark.parametrize("backend,match", [("triton", "backend='auto'"), ("cuda", "must be one of")])
+def test_bad_backend(backend, match):
+    with pytest.raises(ValueError, match=match):
+        l1_batch_norm(torch.randn(4, 3), None, None, training=True, backend=backend)
+
+
+def test_backend_torch_and_auto_agree():
+    x = torch.randn(4, 3, 5)
+    torch.testing.assert_close(
+        l1_batch_norm(x, None, None, training=True, backend="torch"),
+        l1_batch_norm(x, None, None, training=True, backend="auto"),
+        rtol=0,
+        atol=0,
+    )
