@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from normdecouple._reference import reference_batch_norm
 from normdecouple.functional import l1_batch_norm, linf_batch_norm
@@ -175,23 +177,29 @@ def test_low_precision_is_computed_in_input_dtype():
     assert rm.item() == float(torch.tensor(rm.item()).to(torch.float16))
 
 
-@pytest.mark.parametrize("norm,k", [("linf", 1), ("linf", 2)])
-def test_ties_share_the_gradient_evenly(norm, k):
-    # Channel values with |d| tied at the top: -3 and 3 (mean 0). Breaking the tie either way and averaging
-    # the reference's (tie-free) gradients must give ours.
-    base = torch.tensor([-3.0, 3.0, 1.0, -1.0, 0.5, -0.5], dtype=torch.float64).view(6, 1)
-    grad = torch.randn(6, 1, dtype=torch.float64)
+@pytest.mark.parametrize(
+    "values,k,tied",
+    [
+        ([-3.0, 3.0, 1.0, -1.0, 0.5, -0.5], 1, (0, 1)),  # the maximum |d| tied between two values
+        ([-3.0, 3.0, 1.0, -1.0, 0.5, -0.5], 2, ()),  # both tied values inside the top 2: no tie to break
+        ([5.0, -3.0, 3.0, -4.0, -1.0], 3, (1, 2)),  # 5 and -4 above, the third place shared by -3 and 3
+    ],
+)
+def test_ties_share_the_gradient_evenly(values, k, tied):
+    # Breaking the tie either way (a relative nudge of 1e-9) and averaging the reference's tie-free
+    # gradients must give ours: the even split is the mean of the subgradients.
+    base = torch.tensor(values, dtype=torch.float64).view(-1, 1)
+    grad = torch.randn(base.shape, dtype=torch.float64)
     x = base.clone().requires_grad_()
     ours = torch.autograd.grad(linf_batch_norm(x, None, None, training=True, k=k), x, grad)[0]
     broken = []
-    for index in (0, 1):
+    for index in tied or (0,):
         xb = base.clone()
         xb[index] *= 1 + 1e-9
         xb.requires_grad_()
-        y = reference_batch_norm(xb, None, None, training=True, norm=norm, k=k)
+        y = reference_batch_norm(xb, None, None, training=True, norm="linf", k=k)
         broken.append(torch.autograd.grad(y, xb, grad)[0])
-    expected = (broken[0] + broken[1]) / 2 if k == 1 else broken[0]
-    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours, sum(broken) / len(broken), atol=1e-6, rtol=1e-6)
 
 
 def test_constant_channel_has_finite_output_and_gradient():
@@ -282,3 +290,24 @@ def test_backend_torch_and_auto_agree():
         rtol=0,
         atol=0,
     )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(2, 5),
+    c=st.integers(1, 4),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    k=st.integers(1, 4),
+    norm=st.sampled_from(["l1", "linf"]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_matches_reference(n, c, spatial, k, norm, channels_last, seed):
+    shape = (n, c, *spatial)
+    count = math.prod(shape) // c
+    if norm == "linf" and k > count:
+        k = count
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if channels_last and len(shape) == 4:
+        x = x.to(memory_format=torch.channels_last)
+    check_against_reference(x, norm, k if norm == "linf" else 1)
