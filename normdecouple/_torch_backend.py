@@ -130,9 +130,6 @@ def _scale_from_deviations(abs_dev: Tensor, norm: str, k: int, n: int, lowp: boo
             return _tree_mean(abs_dev) * L1_SCALE, None
         return abs_dev.sum(dim=(0, 2)) * (L1_SCALE / n), None
     inv_c = 1.0 / _topk_constant(n, k)
-    if k == 1 and not lowp:
-        top = abs_dev.amax(dim=(0, 2))
-        return top * inv_c, top
     per_channel = abs_dev if lowp else _channel_major(abs_dev)
     top = per_channel.topk(k, dim=1, sorted=False).values
     threshold = top.amin(dim=1)
@@ -144,9 +141,15 @@ def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     acc = accumulate_dtype(x.dtype)
     view = _canonical(x, _is_channels_last(x))
     mean = view.mean(dim=(0, 2), dtype=acc)
-    abs_dev = (view - mean[:, None]).abs_()
-    scale, threshold = _scale_from_deviations(abs_dev, norm, k, n, lowp=False)
-    del abs_dev
+    if norm == "linf" and k == 1:
+        # max|x - mu| = max(max(x) - mu, mu - min(x)): two reductions, no deviations in memory. Rounding is
+        # monotone, so this equals the largest |fl(x - mu)| that the backward recomputes.
+        top = torch.maximum(view.amax(dim=(0, 2)).to(acc) - mean, mean - view.amin(dim=(0, 2)).to(acc))
+        scale, threshold = top / _topk_constant(n, 1), top
+    else:
+        abs_dev = (view - mean[:, None]).abs_()
+        scale, threshold = _scale_from_deviations(abs_dev, norm, k, n, lowp=False)
+        del abs_dev
     scale_sq = scale * scale
     inv_std = torch.rsqrt(scale_sq + eps)
     w = None if weight is None else weight.to(acc)
@@ -171,6 +174,62 @@ def _forward_lowp(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     acc = accumulate_dtype(dtype)
     inv_std = 1.0 / scale_e.to(acc)
     return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold
+
+
+def _linf_scale_term_dense(dev: Tensor, threshold: Tensor, k: int, acc: torch.dtype) -> Tensor:
+    """u_i = sign(d_i) w_i of the L∞ backward for every value (a_i = u_i / (k c)), as one dense tensor.
+
+    The tie rule: w_i = 1 above the k-th largest |d| (t), (k - #above) / #tied on the values tied at t, 0
+    below. On the tied values sign(d) = d / t, which saves a pass; t = 0 means every d is 0, and so is u.
+    """
+    abs_dev = dev.abs()
+    thr = threshold.to(abs_dev.dtype)[:, None]
+    tied = abs_dev == thr
+    n_tied = tied.sum(dim=(0, 2)).to(acc)
+    above = None
+    if k == 1:
+        share = 1.0 / n_tied
+    else:
+        above = abs_dev > thr
+        share = (k - above.sum(dim=(0, 2)).to(acc)) / n_tied
+    del abs_dev
+    t = threshold.to(acc)
+    per_unit = torch.where(t > 0, share / t, torch.zeros_like(t))[:, None]
+    u = torch.where(tied, dev * per_unit, 0.0)
+    if above is not None:
+        u = torch.where(above, dev.sign().to(acc), u)
+    return u
+
+
+def _linf_scale_term_sparse(
+    dev: Tensor, view: Tensor, dev_mean: Tensor, threshold: Tensor, k: int, acc: torch.dtype
+) -> tuple[tuple[tuple[Tensor, ...], Tensor], Tensor]:
+    """The same u as :func:`_linf_scale_term_dense`, on the few values with |d| >= t only (eager mode).
+
+    Returns ``((index, u_selected), sum_u)``: indices into the (A, C, B) view, u at those indices, and the
+    per-channel sum of u. About k values per channel are selected, so everything after the one comparison
+    pass is tiny; the selection needs ``nonzero`` (a host sync), which is why compiled graphs use the dense
+    form.
+    """
+    abs_dev = dev.abs_()
+    thr = threshold.to(abs_dev.dtype)
+    # t = 0 (a constant channel, e.g. a dead ReLU) has u = 0 everywhere: select nothing there.
+    select_from = torch.where(thr > 0, thr, torch.full_like(thr, float("inf")))
+    index = torch.nonzero(abs_dev >= select_from[:, None], as_tuple=True)
+    del abs_dev
+    channel = index[1]
+    # Recomputed with the forward's exact operation, so comparisons with t are bit-for-bit the forward's.
+    d_selected = view[index] - dev_mean[channel]
+    abs_selected = d_selected.abs()
+    above = abs_selected > thr[channel]
+    channels = threshold.shape[0]
+    n_above = torch.zeros(channels, dtype=acc, device=dev.device).index_add_(0, channel, above.to(acc))
+    n_tied = torch.zeros(channels, dtype=acc, device=dev.device).index_add_(0, channel, (~above).to(acc))
+    share = (k - n_above) / n_tied
+    weight = torch.where(above, torch.ones_like(share[channel]), share[channel])
+    u_selected = torch.sign(d_selected).to(acc) * weight
+    sum_u = torch.zeros(channels, dtype=acc, device=dev.device).index_add_(0, channel, u_selected)
+    return (index, u_selected), sum_u
 
 
 class LpBatchNormFunction(torch.autograd.Function):
@@ -212,35 +271,31 @@ class LpBatchNormFunction(torch.autograd.Function):
         ratio = scale * inv_std
         channels_last = ctx.channels_last
         view = _canonical(x, channels_last)
-        dev = view - (batch_mean if lowp_mean is None else lowp_mean)[:, None]
+        dev_mean = batch_mean if lowp_mean is None else lowp_mean
+        dev = view - dev_mean[:, None]
+        sparse = None
         if ctx.norm == "l1":
             # a_i = sqrt(pi/2) sign(d_i) / n
             coef = -ratio * inv_std * mean_g_xhat * L1_SCALE
             u = dev.sign_()
+            sum_u = u.sum(dim=(0, 2), dtype=acc)
         else:
-            # a_i = sign(d_i) w_i / (k c): the k-th place shared evenly by the values tied at t. On the tied
-            # values sign(d) = d / t, which saves a pass; t = 0 means every d is 0 and so is the gradient.
-            abs_dev = dev.abs()
-            thr = threshold.to(abs_dev.dtype)[:, None]
-            tied = abs_dev == thr
-            n_tied = tied.sum(dim=(0, 2)).to(acc)
-            if ctx.k == 1:
-                share = 1.0 / n_tied
-                above = None
-            else:
-                above = abs_dev > thr
-                share = (ctx.k - above.sum(dim=(0, 2)).to(acc)) / n_tied
-            del abs_dev
-            t = threshold.to(acc)
-            per_unit = torch.where(t > 0, share / t, torch.zeros_like(t))[:, None]
-            u = torch.where(tied, dev * per_unit, 0.0)
-            if above is not None:
-                u = torch.where(above, dev.sign().to(acc), u)
             coef = -ratio * inv_std * mean_g_xhat * (n / (ctx.k * _topk_constant(n, ctx.k)))
-        mean_u = u.sum(dim=(0, 2), dtype=acc) / n
-        offset = -(mean_g * inv_std) - coef * mean_u
-        grad_x = torch.addcmul(offset[:, None], u, coef[:, None])
-        grad_x.addcmul_(_canonical(grad_y, channels_last), (gamma * inv_std)[:, None])
+            if torch.compiler.is_compiling():
+                u = _linf_scale_term_dense(dev, threshold, ctx.k, acc)
+                sum_u = u.sum(dim=(0, 2), dtype=acc)
+            else:
+                sparse, sum_u = _linf_scale_term_sparse(dev, view, dev_mean, threshold, ctx.k, acc)
+        offset = -(mean_g * inv_std) - coef * (sum_u / n)
+        dy = _canonical(grad_y, channels_last)
+        if sparse is None:
+            grad_x = torch.addcmul(offset[:, None], u, coef[:, None])
+            grad_x.addcmul_(dy, (gamma * inv_std)[:, None])
+        else:
+            # Only the values at or above the k-th largest |d| carry the scale's gradient.
+            grad_x = torch.addcmul(offset[:, None], dy, (gamma * inv_std)[:, None])
+            index, u_selected = sparse
+            grad_x.index_put_(index, coef[index[1]] * u_selected, accumulate=True)
         grad_x = _uncanonical(grad_x, x.shape, channels_last).to(x.dtype)
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
