@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ._constants import L1_SCALE, topk_constant
 
-__all__ = ["LpBatchNormFunction", "accumulate_dtype"]
+__all__ = ["LpBatchNormFunction", "accumulate_dtype", "linf_selected", "normalise"]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,6 +137,36 @@ def _scale_from_deviations(abs_dev: Tensor, norm: str, k: int, n: int, lowp: boo
     return mean_top * inv_c, threshold
 
 
+def normalise(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, scale: Tensor, eps: float, lowp: bool
+) -> tuple[Tensor, Tensor]:
+    """y = (x - mean) / sqrt(s^2 + eps) * weight + bias, and 1/s_e in :func:`accumulate_dtype`.
+
+    Full precision: torch's own fused eval-mode kernel with (mean, s^2) standing in for the running statistics
+    (one pass, any layout, mixed dtypes). Low precision: elementwise ops in the input dtype and a square-free
+    s_e. Shared by the unsynchronised and the synchronised (``distributed``) paths.
+    """
+    acc = accumulate_dtype(x.dtype)
+    if not lowp:
+        scale_sq = scale * scale
+        inv_std = torch.rsqrt(scale_sq + eps)
+        if x.numel() == 0:
+            return torch.empty_like(x), inv_std
+        w = None if weight is None else weight.to(acc)
+        b = None if bias is None else bias.to(acc)
+        y = torch.batch_norm(x, w, b, mean, scale_sq, False, 0.0, eps, torch.backends.cudnn.enabled)
+        return y, inv_std
+    scale_e = _hypot(scale, math.sqrt(eps))
+    inv_std = 1.0 / scale_e.to(acc)
+    if x.numel() == 0:
+        return torch.empty_like(x), inv_std
+    mult = 1.0 / scale_e if weight is None else weight.to(x.dtype) / scale_e
+    y = (x - _per_channel(mean, x)) * _per_channel(mult, x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(x.dtype), x)
+    return y, inv_std
+
+
 def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: str, k: int, n: int):
     acc = accumulate_dtype(x.dtype)
     view = _canonical(x, _is_channels_last(x))
@@ -150,29 +180,18 @@ def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         abs_dev = (view - mean[:, None]).abs_()
         scale, threshold = _scale_from_deviations(abs_dev, norm, k, n, lowp=False)
         del abs_dev
-    scale_sq = scale * scale
-    inv_std = torch.rsqrt(scale_sq + eps)
-    w = None if weight is None else weight.to(acc)
-    b = None if bias is None else bias.to(acc)
-    # torch's eval-mode kernel computes (x - mean) / sqrt(var + eps) * w + b in one fused pass.
-    y = torch.batch_norm(x, w, b, mean, scale_sq, False, 0.0, eps, torch.backends.cudnn.enabled)
+    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp=False)
     return y, mean, scale, inv_std, None, threshold
 
 
 def _forward_lowp(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: str, k: int, n: int):
-    dtype = x.dtype
     per_channel = _channel_major(x)
     mean = _tree_mean(per_channel)
     abs_dev = (per_channel - mean[:, None]).abs()
     scale, threshold = _scale_from_deviations(abs_dev, norm, k, n, lowp=True)
     del abs_dev
-    scale_e = _hypot(scale, math.sqrt(eps))
-    mult = 1.0 / scale_e if weight is None else weight.to(dtype) / scale_e
-    y = (x - _per_channel(mean, x)) * _per_channel(mult, x)
-    if bias is not None:
-        y = y + _per_channel(bias.to(dtype), x)
-    acc = accumulate_dtype(dtype)
-    inv_std = 1.0 / scale_e.to(acc)
+    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp=True)
+    acc = accumulate_dtype(x.dtype)
     return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold
 
 
@@ -201,34 +220,42 @@ def _linf_scale_term_dense(dev: Tensor, threshold: Tensor, k: int, acc: torch.dt
     return u
 
 
-def _linf_scale_term_sparse(
-    dev: Tensor, view: Tensor, dev_mean: Tensor, threshold: Tensor, k: int, acc: torch.dtype
-) -> tuple[tuple[tuple[Tensor, ...], Tensor], Tensor]:
-    """The same u as :func:`_linf_scale_term_dense`, on the few values with |d| >= t only (eager mode).
+def linf_selected(
+    view: Tensor, dev_mean: Tensor, threshold: Tensor, acc: torch.dtype
+) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+    """The values with |d| >= t > 0: their indices into the (A, C, B) ``view``, sign(d), and whether |d| > t.
 
-    Returns ``((index, u_selected), sum_u)``: indices into the (A, C, B) view, u at those indices, and the
-    per-channel sum of u. About k values per channel are selected, so everything after the one comparison
-    pass is tiny; the selection needs ``nonzero`` (a host sync), which is why compiled graphs use the dense
-    form.
+    Only these carry the L∞ scale's gradient (about k per channel), so everything after the one comparison
+    pass is tiny. d is recomputed with the forward's exact operation, so the comparisons with t are
+    bit-for-bit the forward's. t = 0 (a constant channel, e.g. a dead ReLU) has no scale gradient anywhere,
+    so nothing is selected there. Needs ``nonzero``, a host sync: compiled graphs use the dense form.
     """
-    abs_dev = dev.abs_()
+    abs_dev = (view - dev_mean[:, None]).abs_()
     thr = threshold.to(abs_dev.dtype)
-    # t = 0 (a constant channel, e.g. a dead ReLU) has u = 0 everywhere: select nothing there.
     select_from = torch.where(thr > 0, thr, torch.full_like(thr, float("inf")))
     index = torch.nonzero(abs_dev >= select_from[:, None], as_tuple=True)
     del abs_dev
+    d_selected = view[index] - dev_mean[index[1]]
+    above = d_selected.abs() > thr[index[1]]
+    return index, torch.sign(d_selected).to(acc), above
+
+
+def _linf_scale_term_sparse(
+    view: Tensor, dev_mean: Tensor, threshold: Tensor, k: int, acc: torch.dtype
+) -> tuple[tuple[tuple[Tensor, ...], Tensor], Tensor]:
+    """The same u as :func:`_linf_scale_term_dense` on the values :func:`linf_selected` picks (eager mode).
+
+    Returns ``((index, u_selected), sum_u)``: indices into the (A, C, B) view, u at those indices, and the
+    per-channel sum of u.
+    """
+    index, sign_selected, above = linf_selected(view, dev_mean, threshold, acc)
     channel = index[1]
-    # Recomputed with the forward's exact operation, so comparisons with t are bit-for-bit the forward's.
-    d_selected = view[index] - dev_mean[channel]
-    abs_selected = d_selected.abs()
-    above = abs_selected > thr[channel]
     channels = threshold.shape[0]
-    n_above = torch.zeros(channels, dtype=acc, device=dev.device).index_add_(0, channel, above.to(acc))
-    n_tied = torch.zeros(channels, dtype=acc, device=dev.device).index_add_(0, channel, (~above).to(acc))
+    n_above = torch.zeros(channels, dtype=acc, device=view.device).index_add_(0, channel, above.to(acc))
+    n_tied = torch.zeros(channels, dtype=acc, device=view.device).index_add_(0, channel, (~above).to(acc))
     share = (k - n_above) / n_tied
-    weight = torch.where(above, torch.ones_like(share[channel]), share[channel])
-    u_selected = torch.sign(d_selected).to(acc) * weight
-    sum_u = torch.zeros(channels, dtype=acc, device=dev.device).index_add_(0, channel, u_selected)
+    u_selected = sign_selected * torch.where(above, torch.ones_like(share[channel]), share[channel])
+    sum_u = torch.zeros(channels, dtype=acc, device=view.device).index_add_(0, channel, u_selected)
     return (index, u_selected), sum_u
 
 
@@ -272,20 +299,19 @@ class LpBatchNormFunction(torch.autograd.Function):
         channels_last = ctx.channels_last
         view = _canonical(x, channels_last)
         dev_mean = batch_mean if lowp_mean is None else lowp_mean
-        dev = view - dev_mean[:, None]
         sparse = None
         if ctx.norm == "l1":
             # a_i = sqrt(pi/2) sign(d_i) / n
             coef = -ratio * inv_std * mean_g_xhat * L1_SCALE
-            u = dev.sign_()
+            u = (view - dev_mean[:, None]).sign_()
             sum_u = u.sum(dim=(0, 2), dtype=acc)
         else:
             coef = -ratio * inv_std * mean_g_xhat * (n / (ctx.k * _topk_constant(n, ctx.k)))
             if torch.compiler.is_compiling():
-                u = _linf_scale_term_dense(dev, threshold, ctx.k, acc)
+                u = _linf_scale_term_dense(view - dev_mean[:, None], threshold, ctx.k, acc)
                 sum_u = u.sum(dim=(0, 2), dtype=acc)
             else:
-                sparse, sum_u = _linf_scale_term_sparse(dev, view, dev_mean, threshold, ctx.k, acc)
+                sparse, sum_u = _linf_scale_term_sparse(view, dev_mean, threshold, ctx.k, acc)
         offset = -(mean_g * inv_std) - coef * (sum_u / n)
         dy = _canonical(grad_y, channels_last)
         if sparse is None:

@@ -87,16 +87,18 @@ class _LpBatchNorm(_BatchNorm):
     def _functional_kwargs(self) -> dict[str, Any]:
         return {"low_precision": self.low_precision, "backend": self.backend}
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
+    def _momentum_factor(self) -> float:
+        """torch's running-average factor for this call; counts the batch in ``num_batches_tracked``."""
+        factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        exponential_average_factor = self._momentum_factor()
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         fn = F_nd.l1_batch_norm if self.norm == "l1" else F_nd.linf_batch_norm

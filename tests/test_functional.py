@@ -276,8 +276,19 @@ def test_bad_k(k, error, match):
         linf_batch_norm(torch.randn(4, 3), None, None, training=True, k=k)
 
 
-@pytest.mark.parametrize("backend,match", [("triton", "backend='auto'"), ("cuda", "must be one of")])
-def test_bad_backend(backend, match):
+@pytest.mark.parametrize(
+    "backend,triton_importable,match",
+    [
+        ("triton", False, "backend='auto'"),  # no Triton: the error names the fallbacks
+        ("triton", True, "runs on CUDA tensors"),  # a CPU tensor without Triton's interpreter
+        ("cuda", True, "must be one of"),
+    ],
+)
+def test_bad_backend(backend, triton_importable, match, monkeypatch):
+    import normdecouple.functional as functional
+
+    monkeypatch.setattr(functional, "_triton_available", lambda: triton_importable)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=match):
         l1_batch_norm(torch.randn(4, 3), None, None, training=True, backend=backend)
 
@@ -325,7 +336,7 @@ def test_linf_dense_and_sparse_backward_terms_agree(k):
     dev = view - mean[:, None]
     threshold = dev.abs().transpose(0, 1).reshape(3, -1).topk(k, dim=1).values.amin(dim=1)
     dense = _linf_scale_term_dense(dev.clone(), threshold, k, torch.float64)
-    (index, selected), sum_u = _linf_scale_term_sparse(dev.clone(), view, mean, threshold, k, torch.float64)
+    (index, selected), sum_u = _linf_scale_term_sparse(view, mean, threshold, k, torch.float64)
     scattered = torch.zeros_like(dense).index_put_(index, selected, accumulate=True)
     torch.testing.assert_close(scattered, dense, rtol=0, atol=1e-15)
     torch.testing.assert_close(sum_u, dense.sum(dim=(0, 2)))
