@@ -1,0 +1,463 @@
+"""NormScaledLR: the definition against float64 oracles, the exactness claims, and the optimizer contract.
+
+The scale-invariance checks compare two float64 runs: from W0 and from c·W0 (only the scale-invariant weights
+scaled). torch's BatchNorm with eps=1e-300 is used throughout: eps is the only term that breaks the invariance,
+and at 1e-300 it stays defined but is far below float64 rounding of variances of order one.
+"""
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import normdecouple as nd
+from normdecouple.optim import NormScaledLR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: threads gain nothing, and on a busy 2-core machine a parallel region waiting for a
+    # descheduled thread costs a scheduler quantum per op (seconds per test).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+F64 = torch.float64
+EPS = 1e-300
+INVARIANT = ["0.weight", "3.weight"]
+
+
+def _net() -> nn.Sequential:
+    # Two scale-invariant convolutions (no bias, each followed by a batch norm) and an un-normalised classifier.
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=EPS), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5, eps=EPS), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).to(F64)
+
+
+def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 3, 6, 6, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+            for _ in range(steps)]
+
+
+def _scaled(model: nn.Module, c: float) -> nn.Module:
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in INVARIANT:
+                p.mul_(c)
+    return model
+
+
+def _train(model, opt, batches, sched=None):
+    """Trains on the batches; returns the network function (train-mode output on a fixed batch) after each step."""
+    probe = _batches(1)[0][0] + 1.0
+    outputs = []
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():
+            outputs.append(model(probe))
+    return outputs
+
+
+def _channel_norms(w):
+    return torch.linalg.vector_norm(w.flatten(1), dim=1)
+
+
+OPTIMIZERS = {
+    # SGD with momentum, Nesterov and coupled weight decay: an update linear in the gradient stream.
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9),
+    "sgd_nesterov_wd": lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    # Adam's eps is the only part of its update not invariant to the gradient's scale: made negligible.
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-30),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, eps=1e-30, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("c", [3.0, 0.25])
+def test_training_from_scaled_weights_is_the_same_function(name, c):
+    model = _net()
+    batches = _batches(8)
+    runs = []
+    for m in (model, _scaled(model, c)):
+        opt = OPTIMIZERS[name](m.parameters())
+        NormScaledLR(opt, INVARIANT, model=m, reference=1.5)
+        runs.append((m, _train(m, opt, batches)))
+    (m0, out0), (m1, out1) = runs
+    for a, b in zip(out0, out1):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    # Not only the function: the weights stay exactly c times the other run's.
+    for n in INVARIANT:
+        torch.testing.assert_close(m1.get_parameter(n), c * m0.get_parameter(n), rtol=1e-9, atol=1e-12)
+
+
+def test_control_plain_sgd_depends_on_the_weight_scale():
+    model = _net()
+    batches = _batches(8)
+    outs = []
+    for m in (model, _scaled(model, 3.0)):
+        outs.append(_train(m, torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), batches)[-1])
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_control_reference_init_keeps_the_plain_optimizers_first_step():
+    model = _net()
+    batches = _batches(1)
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    NormScaledLR(opt, INVARIANT, model=model)
+    _train(model, opt, batches)
+    _train(plain, torch.optim.SGD(plain.parameters(), lr=0.2, momentum=0.9), batches)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_step_is_the_gradient_scaled_by_the_squared_norm_ratio(momentum):
+    # Oracle written from the definition: SGD on the gradient times (‖w_i‖/ρ)^2, per output channel, in two
+    # param groups with different learning rates.
+    model = _net()
+    ref = 0.7
+    groups = [{"params": [model[0].weight], "lr": 0.3}, {"params": [model[3].weight, model[8].weight], "lr": 0.1}]
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=momentum)
+    hook = NormScaledLR(opt, [model[0].weight, model[3].weight], reference=ref)
+    assert hook.keys == [0, 1]
+    buffers = {}
+    for x, y in _batches(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        expected = {}
+        for w, lr in ((model[0].weight, 0.3), (model[3].weight, 0.1)):
+            f = (_channel_norms(w) / ref).square().view(-1, 1, 1, 1)
+            buf = buffers.get(w, 0) * momentum + f * w.grad
+            buffers[w] = buf
+            expected[w] = w.detach() - lr * buf
+        plain_classifier = model[8].weight.detach() - 0.1 * model[8].weight.grad  # not chosen: untouched
+        opt.step()
+        for w, e in expected.items():
+            torch.testing.assert_close(w.detach(), e, rtol=1e-13, atol=1e-15)
+        if momentum == 0.0:
+            torch.testing.assert_close(model[8].weight.detach(), plain_classifier, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw_no_decay"])
+def test_adam_realised_update_is_scaled_by_the_norm_ratio(optimizer):
+    # Oracle: the same optimizer without the hook, from the same state; its update times ‖w_i‖/ρ.
+    make = {"adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+            "adamw_no_decay": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0)}[optimizer]
+    model = _net()
+    opt = make(model.parameters())
+    hook = NormScaledLR(opt, INVARIANT, model=model, reference=2.0)
+    assert hook.power == 1
+    for x, y in _batches(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        twin_model, twin_opt = copy.deepcopy((model, opt))  # deepcopy copies neither hooks nor gradients
+        for p, q in zip(model.parameters(), twin_model.parameters()):
+            q.grad = p.grad.clone()
+        twin_opt.step()
+        before = {n: model.get_parameter(n).detach().clone() for n in INVARIANT}
+        opt.step()
+        for n in INVARIANT:
+            f = (_channel_norms(before[n]) / 2.0).view(-1, 1, 1, 1)
+            expected = before[n] + f * (twin_model.get_parameter(n).detach() - before[n])
+            torch.testing.assert_close(model.get_parameter(n).detach(), expected, rtol=1e-12, atol=1e-15)
+
+
+def _tan_angle(w_old, w_new):
+    """Per output channel, tan of the angle between the directions before and after a step."""
+    a, b = w_old.flatten(1), w_new.flatten(1)
+    unit = a / a.norm(dim=1, keepdim=True)
+    parallel = (b * unit).sum(1)
+    perpendicular = (b - parallel[:, None] * unit).norm(dim=1)
+    return perpendicular / parallel
+
+
+def test_effective_step_follows_the_lr_schedule():
+    # For SGD without momentum on a scale-invariant weight the gradient g is orthogonal to w, so the direction
+    # turns by tan θ = η f ‖g‖ / ‖w‖ = (η/ρ²) ‖∇L(ŵ)‖ with ∇L(ŵ) = ‖w‖ g. Hence η_eff = tan θ ρ² / (‖w‖ ‖g‖) must
+    # equal the scheduled lr at every step, however the norm drifts.
+    model = _net()
+    rho = 2.0
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)  # far from ρ: without the hook the effective step would be 1/25 of the target
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
+    NormScaledLR(opt, INVARIANT, model=model, reference=rho)
+    for x, y in _batches(6):
+        lr = opt.param_groups[0]["lr"]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        olds = {n: (model.get_parameter(n).detach().clone(), model.get_parameter(n).grad.clone()) for n in INVARIANT}
+        opt.step()
+        sched.step()
+        for n, (w_old, g) in olds.items():
+            tan = _tan_angle(w_old, model.get_parameter(n).detach())
+            effective = tan * rho**2 / (_channel_norms(w_old) * _channel_norms(g))
+            torch.testing.assert_close(effective, torch.full_like(effective, lr), rtol=1e-9, atol=0)
+
+
+def _checkpoint(obj) -> dict:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["keyed_by_name", "keyed_by_position"])
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
+def test_state_dict_round_trip_mid_training_continues_identically(name, with_model):
+    model = _net()
+    batches = _batches(8)
+
+    def build(m):
+        opt = OPTIMIZERS[name](m.parameters())
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 8)
+        if with_model:
+            hook = NormScaledLR(opt, INVARIANT, model=m, reference="init")
+        else:
+            hook = NormScaledLR(opt, [m[0].weight, m[3].weight], reference="init")
+        return opt, sched, hook
+
+    reference_model = copy.deepcopy(model)
+    opt, sched, _ = build(reference_model)
+    expected = _train(reference_model, opt, batches, sched)[-1]
+
+    opt, sched, hook = build(model)
+    _train(model, opt, batches[:4], sched)
+    saved = _checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "hook": hook.state_dict()})
+    assert set(saved["hook"]["reference"]) == ({"0.weight", "3.weight"} if with_model else {0, 3})
+
+    torch.manual_seed(123)
+    fresh = _net()  # other initial weights, hence other "init" references until the state is loaded
+    opt, sched, hook = build(fresh)
+    fresh.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    hook.load_state_dict(saved["hook"])
+    got = _train(fresh, opt, batches[4:], sched)[-1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_load_state_dict_rejects_other_parameters_and_power():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = NormScaledLR(opt, INVARIANT, model=model)
+    state = hook.state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        hook.load_state_dict({**state, "reference": {"0.weight": state["reference"]["0.weight"]}})
+    with pytest.raises(ValueError, match="one per output channel"):
+        hook.load_state_dict({**state, "reference": {**state["reference"], "0.weight": torch.ones(7)}})
+    with pytest.raises(ValueError, match="power=1"):
+        hook.load_state_dict({**state, "power": 1})
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_gradscaler_skipped_step_does_nothing(power):
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    NormScaledLR(opt, INVARIANT, model=model, reference=1.0, power=power)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = _batches(1)[0]
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    model[0].weight.grad[0, 0, 0, 0] = math.inf
+    scaler.unscale_(opt)
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**4  # the scaler did see the inf and skip
+    for p, g, w in zip(model.parameters(), grads, weights):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)  # the pre-hook did not scale them either
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=0)
+    # A following finite step goes through the hook as usual.
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    assert not torch.equal(model[0].weight.detach(), weights[0])
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_parameters_without_gradient_are_left_alone(power):
+    model = _net()
+    spare = nn.Parameter(torch.randn(4, 3, dtype=F64))  # in the optimizer, never used: no gradient
+    opt = torch.optim.SGD([*model.parameters(), spare], lr=0.1)
+    NormScaledLR(opt, [model[0].weight, spare], reference=1.0, power=power)
+    before = spare.detach().clone()
+    _train(model, opt, _batches(2))
+    assert spare.grad is None
+    torch.testing.assert_close(spare.detach(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_non_contiguous_parameters_match_contiguous_ones(power):
+    # channels_last convolution weights and a transposed linear weight: strides kept, results unchanged.
+    model = _net()
+    other = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        other[8].weight = nn.Parameter(model[8].weight.detach().t().contiguous().t())
+    assert not other[0].weight.is_contiguous() and not other[8].weight.is_contiguous()
+    outs = []
+    for m in (model, other):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        NormScaledLR(opt, [m[0].weight, m[3].weight, m[8].weight], reference=1.0, power=power)
+        outs.append(_train(m, opt, _batches(3))[-1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-14)
+    assert not other[0].weight.is_contiguous() and not other[8].weight.is_contiguous()
+
+
+def test_remove_detaches_and_lr_scheduler_and_optimizer_state_are_untouched():
+    model = _net()
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    hook = NormScaledLR(opt, INVARIANT, model=model, reference="init")
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    with warnings.catch_warnings():
+        # The scheduler must not think optimizer.step() was bypassed.
+        warnings.simplefilter("error")
+        _train(model, opt, _batches(2), sched)
+    _train(plain, plain_opt, _batches(2), torch.optim.lr_scheduler.StepLR(plain_opt, 1, gamma=0.5))
+    assert opt.state_dict()["param_groups"][0].keys() == plain_opt.state_dict()["param_groups"][0].keys()
+    assert opt.state_dict()["state"].keys() == plain_opt.state_dict()["state"].keys()
+    hook.remove()
+    hook.remove()
+    assert not hook.attached
+    # Detached: the next step is the plain optimizer's.
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    _train(model, opt, _batches(1))
+    _train(model_copy, opt_copy, _batches(1))
+    torch.testing.assert_close(model[0].weight, model_copy[0].weight, rtol=0, atol=0)
+
+
+def test_params_auto_uses_scale_invariant_parameters():
+    model = _net()
+    x = _batches(1)[0][0]
+    opt = torch.optim.Adam(model.parameters())
+    hook = nd.NormScaledLR(opt, model=model, example_inputs=(x,), reference=1.0)
+    assert hook.keys == INVARIANT
+    assert hook.power == 1
+    assert set(hook.references) == set(INVARIANT)
+
+
+def test_closure_with_power_2_is_an_error():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    NormScaledLR(opt, INVARIANT, model=model)
+    x, y = _batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step(closure)
+
+
+@pytest.mark.slow
+def test_works_with_a_compiled_model():
+    model = _net()
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    outs = []
+    for m in (model, compiled):
+        opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
+        NormScaledLR(opt, model=m, example_inputs=(_batches(1)[0][0],), reference=1.0)
+        outs.append(_train(m, opt, _batches(3))[-1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+
+
+class _Custom(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_bad_input_errors():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = _batches(1)[0][0]
+    with pytest.raises(ValueError, match="not in any of its param_groups"):
+        NormScaledLR(torch.optim.SGD(model[8].parameters(), lr=0.1), [model[0].weight])
+    for bad in (0.0, -1.0, math.nan, math.inf, True, "big"):
+        with pytest.raises(ValueError, match="reference"):
+            NormScaledLR(opt, INVARIANT, model=model, reference=bad)
+    with pytest.raises(ValueError, match="power=2 if"):
+        NormScaledLR(_Custom(model.parameters()), INVARIANT, model=model)
+    NormScaledLR(_Custom(model.parameters()), INVARIANT, model=model, power=2)  # given: fine
+    for bad in (3, 0, 1.5, "two"):
+        with pytest.raises(ValueError, match="power"):
+            NormScaledLR(opt, INVARIANT, model=model, power=bad)
+    with pytest.raises(ValueError, match="model= and example_inputs="):
+        NormScaledLR(opt)
+    with pytest.raises(ValueError, match="model= and example_inputs="):
+        NormScaledLR(opt, model=model)
+    with pytest.raises(ValueError, match="model= and example_inputs="):
+        NormScaledLR(opt, example_inputs=(x,))
+    with pytest.raises(TypeError, match="example_inputs"):
+        NormScaledLR(opt, model=model, example_inputs={"x": x})
+    with pytest.raises(TypeError, match="without a model"):
+        NormScaledLR(opt, ["0.weight"])
+    with pytest.raises(ValueError, match="not one"):
+        NormScaledLR(opt, ["0.wieght"], model=model)
+    with pytest.raises(TypeError, match="Optimizer"):
+        NormScaledLR(model.parameters(), INVARIANT, model=model)
+    with pytest.raises(TypeError, match="iterable"):
+        NormScaledLR(opt, model[0].weight)
+    with pytest.raises(ValueError, match="twice"):
+        NormScaledLR(opt, [model[0].weight, model[0].weight])
+    with pytest.raises(ValueError, match="zero channels"):
+        with torch.no_grad():
+            model[3].weight[2] = 0
+        NormScaledLR(opt, INVARIANT, model=model)
+    with pytest.raises(ValueError, match="found no scale-invariant"):
+        NormScaledLR(torch.optim.SGD(model[8].parameters(), lr=0.1), model=model, example_inputs=(x,))
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_low_precision_weights(power):
+    # References and factors are float32; the factor applied to a bfloat16 update rounds once.
+    w = nn.Parameter(torch.randn(4, 6, dtype=torch.bfloat16))
+    opt = torch.optim.SGD([w], lr=0.1)
+    hook = NormScaledLR(opt, [w], reference=2.0, power=power)
+    assert hook.references[0].dtype == torch.float32
+    before = w.detach().float().clone()
+    w.grad = torch.randn_like(w)
+    grad = w.grad.float().clone()
+    opt.step()
+    f = (_channel_norms(before) / 2.0).pow(power)[:, None]
+    torch.testing.assert_close(w.detach().float(), before - 0.1 * f * grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_gradscaler_with_a_fused_optimizer_leaves_weights_on_an_inf_step(power):
+    # A fused optimizer is stepped (with found_inf) even on a skipped step: the hooks run and change nothing.
+    w = nn.Parameter(torch.randn(4, 5))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, fused=True)
+    NormScaledLR(opt, [w], reference=1.0, power=power)
+    scaler = torch.amp.GradScaler("cpu")
+    before = w.detach().clone()
+    scaler.scale(w.square().sum()).backward()
+    w.grad[0, 0] = math.inf
+    scaler.step(opt)
+    torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)

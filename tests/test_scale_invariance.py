@@ -1,0 +1,321 @@
+"""scale_invariant_parameters: the detection on plain, residual and branching networks, checked twice: against
+the expected names, and numerically (scaling random output channels of a reported weight leaves the float64
+output unchanged; scaling those of an unreported convolution or linear weight changes it).
+
+torch's BatchNorm with eps=1e-300 makes the invariance exact to float64 rounding (eps is the only term that
+breaks it; at 1e-300 it stays defined and is negligible next to variances of order one).
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import normdecouple as nd
+from normdecouple import scale_invariant_parameters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: threads gain nothing, and on a busy 2-core machine a parallel region waiting for a
+    # descheduled thread costs a scheduler quantum per op (seconds per test).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+F64 = torch.float64
+EPS = 1e-300
+
+
+def _bn2d(c):
+    return nn.BatchNorm2d(c, eps=EPS)
+
+
+def _output(model, x):
+    torch.manual_seed(7)  # the same dropout masks in both calls
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
+
+
+def _invariant_numerically(model, name, x) -> bool:
+    """Whether scaling random output channels of ``name`` by random factors leaves the output unchanged."""
+    model.train()
+    before = _output(model, x)
+    w = model.get_parameter(name)
+    saved = w.detach().clone()
+    factors = torch.rand(w.shape[0], dtype=w.dtype) * 4 + 0.25
+    with torch.no_grad():
+        w.mul_(factors.view(-1, *([1] * (w.dim() - 1))))
+    after = _output(model, x)
+    with torch.no_grad():
+        w.copy_(saved)
+    return torch.allclose(after, before, rtol=1e-10, atol=1e-12)
+
+
+def _check(model, x, expected):
+    model = model.to(F64)
+    x = x.to(F64)
+    names = scale_invariant_parameters(model, x)
+    assert names == expected
+    # The detection agrees with the definition on every convolution and linear weight of the model.
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() >= 2:
+            assert _invariant_numerically(model, name, x) == (name in expected), name
+
+
+class _Basic(nn.Module):
+    """A post-activation ResNet block: out = relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)), in place."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = _bn2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = _bn2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _bn2d(cout))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class _PreAct(nn.Module):
+    """A pre-activation block: conv2's output joins the residual stream un-normalised, so it is not invariant."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn1, self.conv1 = _bn2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = _bn2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + x
+
+
+def _resnet(block):
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), _bn2d(4), nn.ReLU(),
+        block(4, 6, 2) if block is _Basic else block(4), block(6, 6) if block is _Basic else block(4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6 if block is _Basic else 4, 3),
+    )
+
+
+X = torch.randn(4, 3, 8, 8)
+
+
+def test_plain_network():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), _bn2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.2),
+        nn.Conv2d(4, 5, 3, padding=1, bias=False), _bn2d(5), nn.LeakyReLU(0.1),
+        nn.Flatten(), nn.Linear(45, 6, bias=False), nn.BatchNorm1d(6, eps=EPS), nn.ReLU(), nn.Linear(6, 2),
+    )
+    _check(model, X, ["0.weight", "5.weight", "9.weight"])
+
+
+def test_residual_network():
+    _check(_resnet(_Basic), X, ["0.weight", "3.conv1.weight", "3.conv2.weight", "3.down.0.weight",
+                                "4.conv1.weight", "4.conv2.weight"])
+
+
+def test_pre_activation_residual_network_excludes_the_convolutions_into_the_residual_sum():
+    _check(_resnet(_PreAct), X, ["0.weight", "3.conv1.weight", "4.conv1.weight"])
+
+
+class _Branching(nn.Module):
+    """Inception-like branches concatenated after their batch norms, and DenseNet-like features concatenated
+    before one (each convolution's channels keep their own positions in the concatenation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 2, 1, bias=False), _bn2d(2), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, bias=False), _bn2d(3), nn.ReLU())
+        self.dense1 = nn.Conv2d(5, 2, 3, padding=1, bias=False)
+        self.dense2 = nn.Conv2d(5, 2, 1, bias=False)
+        self.bn = _bn2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = torch.cat([self.a(x), self.b(x)], dim=1)
+        x = self.bn(torch.cat([self.dense1(x), self.dense2(x)], 1))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_branching_network():
+    _check(_Branching(), X, ["a.0.weight", "b.0.weight", "dense1.weight", "dense2.weight"])
+
+
+class _AlsoUnnormalized(nn.Module):
+    """conv.weight feeds a batch norm, and the same weight is also applied a second time without one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = _bn2d(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        y = y + self.conv(x)  # the second use: the scale of conv.weight now reaches the output
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_weight_that_is_also_used_unnormalized_is_excluded():
+    _check(_AlsoUnnormalized(), X, [])
+
+
+class _ReturnsWeightNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, bias=False)
+        self.bn = _bn2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3)), self.conv.weight.square().sum()
+
+
+def test_a_weight_read_directly_into_an_output_is_excluded():
+    _check(_ReturnsWeightNorm(), X, [])
+
+
+def test_bias_before_batch_norm_is_removed_by_it_but_not_after_an_activation():
+    # conv(bias) -> BN (VGG-BN): the bias is a per-channel constant the batch norm subtracts.
+    vgg = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), _bn2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    _check(vgg, X, ["0.weight"])
+    # conv(bias) -> ReLU -> BN: relu(c·z + b) is not a scaling of relu(z + b).
+    shifted = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.ReLU(), _bn2d(4), nn.Flatten(), nn.Linear(144, 2))
+    _check(shifted, X, [])
+
+
+def test_per_channel_not_whole_tensor_invariance():
+    # conv1 -> ReLU -> conv2 -> BN: scaling all of conv1 is harmless, scaling one channel is not.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False), _bn2d(4),
+                          nn.Flatten(), nn.Linear(64, 2))
+    _check(model, X, ["2.weight"])
+
+
+def test_depthwise_convolution_keeps_channels():
+    # pointwise -> depthwise -> BN: each channel of the pointwise weight reaches the batch norm alone.
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(4, 4, 3, groups=4, bias=False), _bn2d(4),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    _check(model, X, ["0.weight", "1.weight"])
+
+
+class _Sequence(nn.Module):
+    """Linear layers on (N, L, C) features: a batch norm over the wrong dimension does not normalise channels."""
+
+    def __init__(self, transpose):
+        super().__init__()
+        self.proj = nn.Linear(5, 6, bias=False)
+        self.bn = nn.BatchNorm1d(6, eps=EPS) if transpose else nn.BatchNorm1d(7, eps=EPS)
+        self.head = nn.Linear(6, 2)
+        self.transpose = transpose
+
+    def forward(self, x):
+        y = self.proj(x)  # (N, 7, 6)
+        y = self.bn(y.transpose(1, 2)).transpose(1, 2) if self.transpose else self.bn(y)
+        return self.head(y.mean(1))
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_channel_dimension_is_followed_through_transposes(transpose):
+    _check(_Sequence(transpose), torch.randn(4, 7, 5), ["proj.weight"] if transpose else [])
+
+
+def test_other_normalizations_and_embeddings_are_not_batch_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(144, 2))
+    _check(model, X, [])
+
+    class _Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.bn = nn.BatchNorm1d(4, eps=EPS)
+
+        def forward(self, idx):
+            return self.bn(self.emb(idx))
+
+    assert scale_invariant_parameters(_Embed(), torch.tensor([1, 2, 3])) == []
+
+
+class _HandWrittenBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Any _BatchNorm subclass is a batch norm, however it computes (as normdecouple's own layers are)."""
+
+    def forward(self, x):
+        mean = x.mean((0, 2, 3), keepdim=True)
+        scale = (x - mean).abs().mean((0, 2, 3), keepdim=True)
+        return (x - mean) / scale * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def test_any_batch_norm_subclass_is_recognised():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), _HandWrittenBatchNorm(4), nn.Flatten(),
+                          nn.Linear(144, 2))
+    _check(model, X, ["0.weight"])
+
+
+def test_normdecouple_l1_batch_norm_is_recognised():
+    layer = getattr(nd, "L1BatchNorm2d", None)
+    if layer is None:
+        pytest.skip("normdecouple.L1BatchNorm2d is not available")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), layer(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    assert scale_invariant_parameters(model, X) == ["0.weight"]
+
+
+class _Escapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, bias=False)
+        self.bn = _bn2d(3)
+
+    def forward(self, x):
+        z = self.conv(x)
+        if z.abs().max().item() > 1e6:  # control flow on the weight's scale: not followed, so not reported
+            z = z / 2
+        return self.bn(z)
+
+
+def test_values_read_into_python_exclude_their_weights():
+    assert scale_invariant_parameters(_Escapes(), X) == []
+
+
+def test_model_state_random_state_and_mode_are_left_as_they_were():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), _bn2d(4), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(144, 2))
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    # Found in training mode even when the model is in eval mode (the invariance is of the training loss).
+    assert scale_invariant_parameters(model, X) == ["0.weight"]
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(torch.get_rng_state(), rng, rtol=0, atol=0)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
+
+
+def test_compiled_model_uses_its_own_parameter_names():
+    model = torch.compile(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), _bn2d(4), nn.Flatten(),
+                                        nn.Linear(144, 2)), backend="eager")
+    assert scale_invariant_parameters(model, X) == ["_orig_mod.0.weight"]
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        scale_invariant_parameters(lambda x: x, X)
+    with pytest.raises(TypeError, match="at least one example input"):
+        scale_invariant_parameters(nn.Linear(2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still supported
+        scripted = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), torch.jit.script(_bn2d(4)))
+    with pytest.raises(TypeError, match="TorchScript"):
+        scale_invariant_parameters(scripted, X)
