@@ -37,8 +37,9 @@ def test_docstring_examples(module):
     assert result.failed == 0
 
 
-def test_readme_quickstart_runs():
+@pytest.mark.parametrize("heading", ["## Quickstart", "### Decoupling the weight norm"])
+def test_readme_examples_run(heading):
     text = README.read_text()
-    section = text[text.index("## Quickstart"):]
+    section = text[text.index(heading):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, str(README), "exec"), {})
