@@ -9,6 +9,7 @@ References: arXiv:1803.01814
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -28,15 +29,58 @@ _nonfinite_warned = False
 
 
 def validate_backend(backend: str) -> str:
-    """Check ``backend`` and return it; raise a ValueError naming the choices otherwise."""
+    """Check ``backend`` and return it.
+
+    Raises:
+        ValueError: for an unknown backend, or ``"triton"`` when Triton cannot be imported (naming the
+            fallbacks ``"auto"`` and ``"torch"``).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
+    if backend == "triton" and not _triton_available():
         raise ValueError(
-            "backend='triton' needs normdecouple's Triton kernels, which this version does not ship yet; "
-            "use backend='auto' (the PyTorch path on every device) or backend='torch'"
+            "backend='triton' needs the optional dependency Triton, which cannot be imported here "
+            "(pip install 'normdecouple[triton]'); use backend='auto' (Triton on CUDA tensors when it is "
+            "available, else the PyTorch path) or backend='torch'"
         )
     return backend
+
+
+_triton_importable: bool | None = None
+
+
+def _triton_available() -> bool:
+    """Whether Triton can be imported; tried on first need only, so `import normdecouple` does not pay for it."""
+    global _triton_importable
+    if _triton_importable is None:
+        # A plain module-level cache rather than functools.lru_cache: dynamo reads it as a constant.
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_importable = False
+        else:
+            _triton_importable = True
+    return _triton_importable
+
+
+def _select_function(input: Tensor, backend: str) -> type[torch.autograd.Function]:
+    """The autograd Function that computes training-mode batch norm for ``input`` with ``backend``.
+
+    ``"torch"``: the PyTorch path. ``"auto"``: the Triton kernels for CUDA tensors when Triton is importable,
+    else the PyTorch path. ``"triton"``: the Triton kernels, on CUDA tensors, or on CPU tensors when Triton's
+    interpreter is on (``TRITON_INTERPRET=1``, set before Triton is imported; how the kernels are tested).
+    """
+    if backend == "torch" or (backend == "auto" and not (input.is_cuda and _triton_available())):
+        return LpBatchNormFunction
+    if backend == "triton" and not input.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors, got a tensor on {input.device} (CPU tensors need "
+            "Triton's interpreter, TRITON_INTERPRET=1 set before Triton is imported); use backend='auto' "
+            "or backend='torch' for this device"
+        )
+    from ._triton import TritonLpBatchNormFunction
+
+    return TritonLpBatchNormFunction
 
 
 def validate_k(k: int) -> int:
@@ -132,7 +176,7 @@ def _lp_batch_norm(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
             f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
         )
-    y, batch_mean, batch_scale = LpBatchNormFunction.apply(
+    y, batch_mean, batch_scale = _select_function(input, backend).apply(
         input, weight, bias, eps, norm, k, low_precision
     )
     if running_mean is not None:
