@@ -354,9 +354,11 @@ def test_params_auto_uses_scale_invariant_parameters():
     assert set(hook.references) == set(INVARIANT)
 
 
-def test_closure_with_power_2_is_an_error():
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_closure_is_an_error(optimizer):
+    # The gradients do not exist yet when a pre-hook runs: both powers must refuse, not silently do nothing.
     model = _net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = optimizer(model.parameters(), lr=0.1)
     NormScaledLR(opt, INVARIANT, model=model)
     x, y = _batches(1)[0]
 
@@ -368,6 +370,29 @@ def test_closure_with_power_2_is_an_error():
 
     with pytest.raises(RuntimeError, match="closure"):
         opt.step(closure)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_unattached_hook_driven_by_hand_equals_attached(optimizer):
+    # attach=False with before_step()/after_step() around the step, as a closure-stepping loop drives it.
+    model = _net()
+    manual_model = copy.deepcopy(model)
+    opt = optimizer(model.parameters(), lr=0.05)
+    manual_opt = optimizer(manual_model.parameters(), lr=0.05)
+    NormScaledLR(opt, INVARIANT, model=model, reference=2.0)
+    manual = NormScaledLR(manual_opt, INVARIANT, model=manual_model, reference=2.0, attach=False)
+    for x, y in _batches(3):
+        for m, o in ((model, opt), (manual_model, manual_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        manual.before_step()
+        manual_opt.step()
+        manual.after_step()
+    for p, q in zip(model.parameters(), manual_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="attach"):
+        NormScaledLR(opt, INVARIANT, model=model, attach="no")
 
 
 @pytest.mark.slow

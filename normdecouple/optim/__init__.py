@@ -8,7 +8,7 @@ Both attach through torch's optimizer step hooks, so the optimizer, its state an
 References: arXiv:1803.01814
 """
 
-from .norm_scaled_lr import NormScaledLR
+from .norm_scaled_lr import NormScaledLR, default_power
 from .projection import WeightNormProjection
 
-__all__ = ["NormScaledLR", "WeightNormProjection"]
+__all__ = ["NormScaledLR", "WeightNormProjection", "default_power"]

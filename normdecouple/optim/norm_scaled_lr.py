@@ -22,7 +22,7 @@ from ._common import (
     state_to_dict,
 )
 
-__all__ = ["NormScaledLR"]
+__all__ = ["NormScaledLR", "default_power"]
 
 # torch's optimizers by how their update scales with the gradient: 2 when it is proportional to it (linear in
 # the gradient stream), 1 when it does not change when the gradient is scaled. Left out, so needing power=:
@@ -40,6 +40,22 @@ _POWER_OF_BUILTIN: dict[type, int] = {
     torch.optim.Rprop: 1,
     torch.optim.SparseAdam: 1,
 }
+
+
+def default_power(optimizer: torch.optim.Optimizer) -> int | None:
+    """How the update of ``optimizer`` scales with the gradient: 2 (SGD-like), 1 (Adam-like), None if unknown.
+
+    The table ``NormScaledLR(power="auto")`` uses: 2 for torch's SGD and ASGD; 1 for Adam, AdamW, Adamax,
+    NAdam, RMSprop, Adagrad, Rprop and SparseAdam; ``None`` for every other optimizer (pass ``power=``).
+
+    Example::
+
+        >>> import torch
+        >>> from normdecouple.optim import default_power
+        >>> default_power(torch.optim.Adam([torch.zeros(1, requires_grad=True)]))
+        1
+    """
+    return _POWER_OF_BUILTIN.get(type(optimizer))
 
 
 class NormScaledLR(ChannelHook):
@@ -89,8 +105,10 @@ class NormScaledLR(ChannelHook):
     ``state_dict()`` and LR schedulers unchanged. A step that :class:`torch.amp.GradScaler` skips does not call
     ``optimizer.step()``, so nothing is done either (a ``fused=True`` optimizer is stepped with ``found_inf``
     instead and leaves its weights alone, and so does the rescaling). Parameters without a gradient are left
-    alone. Any strides, several param groups and compiled models work; ``optimizer.step(closure)`` does not with
-    ``power=2`` (the gradient does not exist yet when the pre-hook runs).
+    alone. Any strides, several param groups and compiled models work. ``optimizer.step(closure)`` cannot work
+    through a pre-hook (the gradients do not exist yet when it runs) and raises a ``RuntimeError``: a training
+    loop that steps with a closure (Lightning does) constructs the hook with ``attach=False`` and calls
+    :meth:`before_step` once the gradients exist and :meth:`after_step` after the step.
 
     Args:
         optimizer: the optimizer that updates the weights.
@@ -104,6 +122,8 @@ class NormScaledLR(ChannelHook):
         model: the model, to find weights (``params="auto"``), look up names and key the state by parameter
             name (without a model, state is keyed by the parameter's position in the optimizer).
         example_inputs: positional inputs of one call of the model, e.g. ``(batch,)``, for ``params="auto"``.
+        attach: register the step hooks on ``optimizer``. ``False`` leaves the timing to the caller
+            (:meth:`before_step`, :meth:`after_step`). Default: ``True``.
 
     Raises:
         TypeError: if ``optimizer`` is not a :class:`torch.optim.Optimizer` or ``params`` has the wrong type.
@@ -139,8 +159,11 @@ class NormScaledLR(ChannelHook):
         power: int | str = "auto",
         model: nn.Module | None = None,
         example_inputs: Any = None,
+        attach: bool = True,
     ) -> None:
         check_optimizer(optimizer)
+        if not isinstance(attach, bool):
+            raise TypeError(f"expected attach to be a bool (got {attach!r})")
         if isinstance(power, str):
             if power != "auto":
                 raise ValueError(f"expected power to be 'auto', 1 or 2 (got {power!r})")
@@ -177,14 +200,13 @@ class NormScaledLR(ChannelHook):
         self._stepping: list[int] = []
         self._before: dict[int, Tensor] = {}
         self._factors: list[Tensor] = []
-        self._attach()
+        if attach:
+            self._attach()
 
     def _attach(self) -> None:
-        if self.power == 2:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._scale_gradients))
-        else:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._record))
-            self._handles.append(self.optimizer.register_step_post_hook(self._rescale_update))
+        self._handles.append(self.optimizer.register_step_pre_hook(self._pre_hook))
+        if self.power == 1:
+            self._handles.append(self.optimizer.register_step_post_hook(self._post_hook))
 
     @property
     def references(self) -> dict[Key, Tensor]:
@@ -198,19 +220,43 @@ class NormScaledLR(ChannelHook):
             torch._foreach_mul_(factors, factors)
         return factors
 
-    def _scale_gradients(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def before_step(self) -> None:
+        """The part of the rescaling that runs between ``backward()`` and ``optimizer.step()``.
+
+        ``power=2``: multiplies each chosen channel's gradient by ``(‖w‖/ρ)²``. ``power=1``: records the
+        weights and factors for :meth:`after_step`. Called by the pre-hook; call it yourself with
+        ``attach=False``.
+        """
+        if self.power == 2:
+            self._scale_gradients()
+        else:
+            self._record()
+
+    def after_step(self) -> None:
+        """The part that runs after ``optimizer.step()``: ``power=1`` rescales the realised update (no-op for 2)."""
+        if self.power == 1:
+            self._rescale_update()
+
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         # args holds the optimizer itself first, then step's own arguments.
-        if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+        if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
             raise RuntimeError(
-                "NormScaledLR with power=2 scales the gradients before the step, but a closure computes them "
-                "inside it: call loss.backward() and then optimizer.step() without a closure"
+                "NormScaledLR acts between backward() and step(), but a closure computes the gradients inside "
+                "step(): call loss.backward() and then optimizer.step() without a closure, or construct the "
+                "hook with attach=False and call hook.before_step() / hook.after_step() around the step"
             )
+        self.before_step()
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.after_step()
+
+    def _scale_gradients(self) -> None:
         with torch.no_grad():
             indices = self._with_grad()
             if indices:
                 torch._foreach_mul_([self.params[i].grad for i in indices], self._factors_for(indices))
 
-    def _record(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _record(self) -> None:
         with torch.no_grad():
             self._stepping = self._with_grad()
             for i in self._stepping:
@@ -222,7 +268,7 @@ class NormScaledLR(ChannelHook):
                                      [self.params[i] for i in self._stepping])
                 self._factors = self._factors_for(self._stepping)
 
-    def _rescale_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _rescale_update(self) -> None:
         if not self._stepping:
             return
         with torch.no_grad():
