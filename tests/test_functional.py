@@ -342,3 +342,20 @@ def test_linf_dense_and_sparse_backward_terms_agree(k):
     torch.testing.assert_close(sum_u, dense.sum(dim=(0, 2)))
     # |u| is the weight w; a channel's weights add up to k (the k-th place shared); the constant channel has 0.
     torch.testing.assert_close(dense.abs().sum(dim=(0, 2)), torch.tensor([k, k, 0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradient_in_another_layout_than_the_input(dtype):
+    # A channels_last input with a contiguous gradient (and the reverse): the parameter gradients must be the
+    # float32 sums of the gradient, as with matching layouts.
+    x = torch.randn(8, 16, 9, 9).to(dtype)
+    grad = torch.randn(x.shape).to(dtype)
+    for x_layout, g_layout in ((torch.channels_last, torch.contiguous_format),
+                               (torch.contiguous_format, torch.channels_last)):
+        xt = x.to(memory_format=x_layout).requires_grad_()
+        bias = torch.zeros(16, requires_grad=True)
+        weight = torch.ones(16, requires_grad=True)
+        y = l1_batch_norm(xt, None, None, weight, bias, training=True)
+        y.backward(grad.to(memory_format=g_layout))
+        torch.testing.assert_close(bias.grad.double(), grad.double().sum(dim=(0, 2, 3)), rtol=1e-6, atol=1e-5)
+        assert xt.grad.is_contiguous(memory_format=x_layout)
