@@ -17,43 +17,7 @@ import normdecouple as nd
 from normdecouple.optim import WeightNormProjection
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: threads gain nothing, and on a busy 2-core machine a parallel region waiting for a
-    # descheduled thread costs a scheduler quantum per op (seconds per test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-F64 = torch.float64
-EPS = 1e-300
-INVARIANT = ["0.weight", "3.weight"]
-
-
-def _net() -> nn.Sequential:
-    # Two scale-invariant convolutions (no bias, each followed by a batch norm) and an un-normalised classifier.
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=EPS), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5, eps=EPS), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    ).to(F64)
-
-
-def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(6, 3, 6, 6, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
-            for _ in range(steps)]
-
-
-def _scaled(model: nn.Module, c: float) -> nn.Module:
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in INVARIANT:
-                p.mul_(c)
-    return model
+from _optim_support import EPS, F64, INVARIANT, _batches, _net, _one_thread, _scaled  # noqa: F401
 
 
 def _step(model, opt, x, y):
