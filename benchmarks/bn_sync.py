@@ -19,7 +19,6 @@ References: arXiv:1803.01814
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import normdecouple as nd
-from normdecouple.distributed import SyncLpBatchNormFunction
+from normdecouple.distributed import SyncLpBatchNormFunction, count_collectives
 
 # Per-process (N, C, H, W): ResNet-like channel counts, batches scaled down for a CPU.
 SHAPES = [(8, 64, 32, 32), (8, 128, 16, 16), (16, 256, 8, 8), (32, 512, 4, 4)]
@@ -38,26 +37,6 @@ VARIANTS = {
     "Linf k=1": (lambda c: nd.LinfBatchNorm2d(c, k=1), lambda c: nd.SyncLinfBatchNorm(c, k=1)),
     "Linf k=8": (lambda c: nd.LinfBatchNorm2d(c, k=8), lambda c: nd.SyncLinfBatchNorm(c, k=8)),
 }
-COUNTED = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast")
-
-
-@contextlib.contextmanager
-def count_collectives(counter: list[int]):
-    originals = {name: getattr(dist, name) for name in COUNTED if hasattr(dist, name)}
-
-    def wrap(fn):
-        def counted(*args, **kwargs):
-            counter[0] += 1
-            return fn(*args, **kwargs)
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def collectives(layer: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:

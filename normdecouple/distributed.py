@@ -39,7 +39,9 @@ References: arXiv:1803.01814
 
 from __future__ import annotations
 
+import contextlib
 import string
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -61,11 +63,56 @@ from ._torch_backend import (
 )
 from .functional import update_running_stats
 
-__all__ = ["SyncL1BatchNorm", "SyncLinfBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = [
+    "SyncL1BatchNorm",
+    "SyncLinfBatchNorm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "count_collectives",
+]
 
 # Per-channel vectors cross the wire in float64: counts stay exact beyond 2**24 values per channel, and
 # fp16/bf16/fp32 values (the L∞ candidates) round-trip exactly.
 _WIRE = torch.float64
+
+
+# The collectives of torch.distributed that count_collectives wraps.
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
+                "reduce_scatter_tensor", "all_to_all_single")
+
+
+@contextlib.contextmanager
+def count_collectives(counter: list[int]) -> Iterator[None]:
+    """Counts, into ``counter[0]``, the ``torch.distributed`` collectives called inside the block.
+
+    A diagnostic for the "collectives per layer" of the docs (the tests and ``benchmarks/bn_sync.py`` use it):
+    it wraps the module-level functions of ``torch.distributed`` for the duration of the block.
+
+    Example::
+
+        >>> from normdecouple.distributed import count_collectives
+        >>> counter = [0]
+        >>> with count_collectives(counter):
+        ...     pass
+        >>> counter
+        [0]
+    """
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(fn):
+        def counted(*args, **kwargs):
+            counter[0] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 def _all_gather(local: Tensor, group: Any, world_size: int) -> Tensor:

@@ -7,7 +7,6 @@ saw, and the tests compare that with the unsynchronised layer run in the parent 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -20,7 +19,7 @@ from torch import nn
 
 import normdecouple as nd
 from normdecouple.batchnorm import L1BatchNormNd, LinfBatchNormNd
-from normdecouple.distributed import SyncL1BatchNorm, SyncLinfBatchNorm
+from normdecouple.distributed import SyncL1BatchNorm, SyncLinfBatchNorm, count_collectives
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -117,27 +116,6 @@ def _slice(t: torch.Tensor, split: tuple[int, int], rank: int, channels_last: bo
     return part.to(memory_format=torch.channels_last) if channels_last else part
 
 
-@contextlib.contextmanager
-def _count_collectives(counter: list[int]):
-    names = ["all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
-             "reduce_scatter_tensor", "all_to_all_single"]
-    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
-
-    def wrap(fn):
-        def counted(*args, **kwargs):
-            counter[0] += 1
-            return fn(*args, **kwargs)
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
 def _run_scenario(cfg: dict, data: dict, rank: int) -> dict:
     layer = _layer(cfg, sync=True)
     layer.to(cfg.get("dtype", torch.float64))
@@ -147,9 +125,9 @@ def _run_scenario(cfg: dict, data: dict, rank: int) -> dict:
         x = _slice(data["xs"][step], cfg["split"], rank, cfg.get("channels_last", False)).requires_grad_()
         grad = _slice(data["grads"][step], cfg["split"], rank, cfg.get("channels_last", False))
         forward_count, backward_count = [0], [0]
-        with _count_collectives(forward_count):
+        with count_collectives(forward_count):
             y = layer(x)
-        with _count_collectives(backward_count):
+        with count_collectives(backward_count):
             y.backward(grad)
         if step == 0:
             out["collectives"] = (forward_count[0], backward_count[0])
