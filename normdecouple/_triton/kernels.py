@@ -449,6 +449,15 @@ def _normalize_kernel(
 
 
 @triton.jit
+def _tie_masks(d, threshold, mask):
+    """The L∞ tie rule's inputs: the values above t, those tied at t (both within ``mask``), and sign(d)."""
+    abs_d = tl.abs(d)
+    above = mask & (abs_d > threshold[:, None])
+    tied = mask & (abs_d == threshold[:, None])
+    return above, tied, _sign(d)
+
+
+@triton.jit
 def _dx_coefficients(sum_dy, sum_dy_xhat, gamma, scale, inv_std, sign_sum, n_above, sign_above, n_tied, sign_tied,
                      factor, n, k, L1: tl.constexpr, ACC: tl.constexpr):
     """Per-channel (gamma / s_e, offset, coef, share) of the backward formula above."""
@@ -522,10 +531,7 @@ def _backward_fused_kernel(
     else:
         sign_sum = tl.zeros([BLOCK_C], dtype=tl.int32)
         threshold = tl.load(thr_ptr + ch, mask=cmask, other=0.0)
-        abs_d = tl.abs(d)
-        sign = tl.where(mask, _sign(d), 0)
-        above = mask & (abs_d > threshold[:, None])
-        tied = mask & (abs_d == threshold[:, None])
+        above, tied, sign = _tie_masks(d, threshold, mask)
         n_above = tl.sum(above.to(tl.int32), axis=1)
         sign_above = tl.sum(tl.where(above, sign, 0), axis=1)
         n_tied = tl.sum(tied.to(tl.int32), axis=1)
@@ -584,11 +590,7 @@ def _backward_reduce_kernel(
         acc_dy += dy
         acc_dy_xhat += dy * ((x - mean[:, None]) * inv_std[:, None])
         if not L1:
-            d = _deviation(x, mean, LOWP, DT)
-            abs_d = tl.abs(d)
-            sign = _sign(d)
-            above = mask & (abs_d > threshold[:, None])
-            tied = mask & (abs_d == threshold[:, None])
+            above, tied, sign = _tie_masks(_deviation(x, mean, LOWP, DT), threshold, mask)
             n_above += above.to(tl.int32)
             sign_above += tl.where(above, sign, 0)
             n_tied += tied.to(tl.int32)
