@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 
-import torch
+import numpy as np
 
 __all__ = ["L1_SCALE", "topk_constant"]
 
@@ -50,23 +51,24 @@ def _topk_constant_cached(n: int, k: int) -> float:
     # because int_{x_T}^inf x f(x) dx = 2 phi(x_T). T is integrated in the logit variable s = log(T/(1-T)),
     # where its density exp(k s - n softplus(s)) / B(k, n-k) is log-concave with mode log(k/(n-k)) and
     # standard deviation about sqrt(n / (k (n-k))).
-    dtype = torch.float64
+    # numpy (single-threaded, so every call gives the same bits) and the standard library's normal quantile.
     mode = math.log(k / (n - k))
     width_left = _HALF_WIDTH * math.sqrt(1.0 / k + 1.0 / (n - k)) + _HALF_WIDTH / k
     width_right = _HALF_WIDTH * math.sqrt(1.0 / k + 1.0 / (n - k))
-    s = torch.linspace(mode - width_left, mode + width_right, _GRID_POINTS, dtype=dtype)
+    s = np.linspace(mode - width_left, mode + width_right, _GRID_POINTS)
     log_norm = math.lgamma(n) - math.lgamma(k) - math.lgamma(n - k)
-    log_density = log_norm + k * s - n * torch.nn.functional.softplus(s)
-    log_t = -torch.nn.functional.softplus(-s)
-    x = -torch.special.ndtri(torch.exp(log_t) / 2.0)
-    two_phi = math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * x * x)
-    weights = torch.ones(_GRID_POINTS, dtype=dtype)
+    log_density = log_norm + k * s - n * np.logaddexp(0.0, s)
+    half_t = np.exp(-np.logaddexp(0.0, -s)) / 2.0
+    quantile = statistics.NormalDist().inv_cdf
+    x = -np.array([quantile(p) for p in half_t])
+    two_phi = math.sqrt(2.0 / math.pi) * np.exp(-0.5 * x * x)
+    weights = np.ones(_GRID_POINTS)
     weights[1:-1:2] = 4.0
     weights[2:-1:2] = 2.0
-    density = torch.exp(log_density)
+    density = np.exp(log_density)
     # Dividing by the integrated density removes the quadrature's normalisation error to first order.
-    mass = (weights * density).sum()
-    expectation = (weights * density * two_phi).sum() / mass
+    mass = np.sum(weights * density)
+    expectation = np.sum(weights * density * two_phi) / mass
     return float(n / k * expectation)
 
 
@@ -85,7 +87,7 @@ def topk_constant(n: int, k: int = 1) -> float:
     peak of the Beta density. It agrees with the direct order-statistics integral to about 1e-14 (relative)
     where that can be evaluated (n <= 100), with closed forms and with Monte Carlo; ``c(n, n) = sqrt(2/pi)``
     exactly.
-    Values are cached per ``(n, k)``; each new pair costs about a millisecond.
+    Values are cached per ``(n, k)``; each new pair costs about two milliseconds.
 
     Dividing the top-k mean of ``|x - mean|`` by ``c(n, k)`` estimates the batch's biased standard deviation
     for Gaussian data: within 0.2% for n >= 16 at k = 1 and 4, exactly when k = n; below n = 16 a small k runs
