@@ -15,14 +15,14 @@ from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 from torch import Tensor, nn
 
 import normdecouple
-from normdecouple.batchnorm import _LpBatchNorm
+from normdecouple import LpBatchNorm
 
 __all__: list[str] = []
 
 
 def our_layers(module: nn.Module) -> list[str]:
     """Qualified names of the normdecouple batch-norm layers in ``module``."""
-    return [name for name, m in module.named_modules() if isinstance(m, _LpBatchNorm)]
+    return [name for name, m in module.named_modules() if isinstance(m, LpBatchNorm)]
 
 
 def check_no_torch_layer_sync(trainer: pl.Trainer, pl_module: pl.LightningModule, owner: str) -> None:

@@ -16,6 +16,7 @@ from .batchnorm import (
     LinfBatchNorm2d,
     LinfBatchNorm3d,
     LinfBatchNormNd,
+    LpBatchNorm,
 )
 from .convert import convert_batchnorm, revert_batchnorm
 from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
@@ -26,6 +27,7 @@ from .weight_norm import bounded_weight_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "LpBatchNorm",
     "L1BatchNorm1d",
     "L1BatchNorm2d",
     "L1BatchNorm3d",

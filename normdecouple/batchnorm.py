@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import functional as F_nd
 
 __all__ = [
+    "LpBatchNorm",
     "L1BatchNorm1d",
     "L1BatchNorm2d",
     "L1BatchNorm3d",
@@ -34,8 +35,13 @@ def _widened(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class _LpBatchNorm(_BatchNorm):
-    """Shared machinery of the L1 and L∞ layers (torch's ``_BatchNorm`` with another scale)."""
+class LpBatchNorm(_BatchNorm):
+    """Base class of every normdecouple batch norm layer (L1, L∞, synchronised, fused with an activation).
+
+    torch's ``_BatchNorm`` with another scale. Public so that other packages (the Lightning callbacks, user
+    code) recognise our layers with ``isinstance(module, normdecouple.LpBatchNorm)``; not meant to be built
+    directly: use ``L1BatchNorm2d``, ``LinfBatchNorm2d``, ... .
+    """
 
     norm: str = ""
     _dim: int = 0
@@ -66,7 +72,7 @@ class _LpBatchNorm(_BatchNorm):
             self.running_mean = self.running_mean.float()
             self.running_var = self.running_var.float()
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _LpBatchNorm:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LpBatchNorm:
         # Running statistics are never narrower than float32: `.half()` would overflow a variance-equivalent
         # running_var as soon as activations pass 256, exactly the regime the paper is about.
         stats = {id(t) for t in (self.running_mean, self.running_var) if t is not None}
@@ -133,11 +139,11 @@ class _LinfMixin:
         return super().extra_repr() + f", k={self.k}"  # type: ignore[misc]
 
 
-class _L1(_LpBatchNorm):
+class _L1(LpBatchNorm):
     norm = "l1"
 
 
-class _Linf(_LinfMixin, _LpBatchNorm):
+class _Linf(_LinfMixin, LpBatchNorm):
     def __init__(
         self,
         num_features: int,

@@ -26,7 +26,7 @@ _TORCH_TO_DIM: dict[type[nn.Module], int] = {
     nn.BatchNorm3d: 3,
     nn.SyncBatchNorm: 0,
 }
-_OURS: dict[tuple[str, int], type[bn._LpBatchNorm]] = {
+_OURS: dict[tuple[str, int], type[bn.LpBatchNorm]] = {
     ("l1", 1): bn.L1BatchNorm1d,
     ("l1", 2): bn.L1BatchNorm2d,
     ("l1", 3): bn.L1BatchNorm3d,
@@ -40,7 +40,7 @@ _BACK: dict[int, type[_BatchNorm]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: n
 
 
 def _source_dim(module: nn.Module) -> int | None:
-    if isinstance(module, bn._LpBatchNorm):
+    if isinstance(module, bn.LpBatchNorm):
         return None
     for cls, dim in _TORCH_TO_DIM.items():
         if isinstance(module, cls):
@@ -178,7 +178,7 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
     References: arXiv:1803.01814
     """
     output = module
-    if isinstance(module, bn._LpBatchNorm):
+    if isinstance(module, bn.LpBatchNorm):
         kwargs: dict[str, Any] = {"bias": module.bias is not None if module.affine else True}
         cls = _BACK.get(module._dim, nn.SyncBatchNorm)
         stats_dtype = None

@@ -357,11 +357,11 @@ _NO_GROUP_HELP = (
 )
 
 
-class _SyncLpBatchNorm(bn._LpBatchNorm):
+class _SyncLpBatchNorm(bn.LpBatchNorm):
     """Synchronised training forward shared by :class:`SyncL1BatchNorm` and :class:`SyncLinfBatchNorm`."""
 
     _dim = 0  # any rank >= 2, like torch.nn.SyncBatchNorm
-    _unsync_default: type[bn._LpBatchNorm]
+    _unsync_default: type[bn.LpBatchNorm]
 
     def _init_sync(self, process_group: Any) -> None:
         self.process_group = process_group
@@ -534,7 +534,7 @@ class SyncLinfBatchNorm(_SyncLpBatchNorm, bn._Linf):
 _SYNC_CLASSES = (SyncL1BatchNorm, SyncLinfBatchNorm)
 
 
-def _rebuild(module: bn._LpBatchNorm, cls: type[bn._LpBatchNorm], **extra: Any) -> bn._LpBatchNorm:
+def _rebuild(module: bn.LpBatchNorm, cls: type[bn.LpBatchNorm], **extra: Any) -> bn.LpBatchNorm:
     """A ``cls`` layer with ``module``'s hyperparameters, holding its very Parameter and buffer objects."""
     kwargs: dict[str, Any] = {
         "bias": module.bias is not None if module.affine else True,
@@ -590,7 +590,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     References: arXiv:1803.01814
     """
     output = module
-    if isinstance(module, bn._LpBatchNorm):
+    if isinstance(module, bn.LpBatchNorm):
         sync_cls = SyncLinfBatchNorm if isinstance(module, bn._Linf) else SyncL1BatchNorm
         unsync_cls = module._unsync_class if isinstance(module, _SYNC_CLASSES) else type(module)
         output = _rebuild(module, sync_cls, process_group=process_group)
