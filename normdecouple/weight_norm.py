@@ -5,15 +5,13 @@ References: arXiv:1803.01814
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["bounded_weight_norm"]
+from .optim.checks import check_norm_order, check_positive_number
 
-_NORMS = (1, 2, math.inf)
+__all__ = ["bounded_weight_norm"]
 
 
 def _reduced_dims(ndim: int, dim: int | None) -> tuple[int, ...]:
@@ -111,8 +109,7 @@ def bounded_weight_norm(
         raise ValueError(
             f"expected name to be a parameter of {type(module).__name__} (got {name!r}; its parameters: {params})"
         )
-    if p not in _NORMS:
-        raise ValueError(f"expected p to be 1, 2 or math.inf (got {p!r})")
+    p = check_norm_order(p)
     if dim is not None:
         if not -weight.dim() <= dim < max(weight.dim(), 1):
             raise ValueError(
@@ -120,10 +117,8 @@ def bounded_weight_norm(
                 "pass dim=None to normalise the whole tensor"
             )
         dim = dim % weight.dim() if weight.dim() else None
-    if radius is not None and (
-        isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius < math.inf
-    ):
-        raise ValueError(f"expected radius to be a positive finite number or None (got {radius!r})")
+    if radius is not None:
+        radius = check_positive_number(radius, "radius", "or radius=None to keep each slice's norm")
 
     with torch.no_grad():
         norm = torch.linalg.vector_norm(weight, ord=p, dim=_reduced_dims(weight.dim(), dim), keepdim=True)

@@ -450,3 +450,40 @@ def test_gradscaler_with_a_fused_optimizer_leaves_weights_on_an_inf_step(power):
     w.grad[0, 0] = math.inf
     scaler.step(opt)
     torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)
+
+
+def test_one_dimensional_parameters_are_refused_unless_allowed():
+    # The call: model.parameters() with an absolute reference would scale a zero-initialised bias's
+    # gradient by (0/1)^2 = 0, so that it never trains.
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"1\.weight.*allow_1d=True"):
+        NormScaledLR(opt, list(model.parameters()), model=model, reference=1.0)
+    hook = NormScaledLR(opt, [model[0].weight, model[8].bias], reference=1.0, allow_1d=True)
+    assert hook.keys == [0, 7]
+
+
+def test_transposed_convolution_step_is_scaled_per_output_channel():
+    model = nn.Sequential(nn.ConvTranspose2d(3, 5, 2, bias=False), nn.BatchNorm2d(5)).to(F64)
+    w = model[0].weight  # (C_in=3, C_out=5, 2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    NormScaledLR(opt, ["0.weight"], model=model, reference=0.5)
+    before = w.detach().clone()
+    model(torch.randn(4, 3, 3, 3, dtype=F64)).pow(3).mean().backward()
+    grad = w.grad.detach().clone()
+    opt.step()
+    # Independent float64 reference: factor (‖w_j‖ / 0.5)^2 for output channel j, the slices along dimension 1.
+    norms = torch.linalg.vector_norm(before.movedim(1, 0).reshape(5, -1), dim=1)
+    factor = (norms / 0.5).square().view(1, 5, 1, 1)
+    torch.testing.assert_close(w.detach(), before - 0.1 * factor * grad, rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("drop", ["power", "reference"])
+def test_malformed_state_is_a_value_error_naming_what_is_missing(drop):
+    model = _net()
+    hook = NormScaledLR(torch.optim.SGD(model.parameters(), lr=0.1), INVARIANT, model=model)
+    state = {k: v for k, v in hook.state_dict().items() if k != drop}
+    with pytest.raises(ValueError, match=rf"missing: \['{drop}'\]"):
+        hook.load_state_dict(state)
+    with pytest.raises(ValueError, match="expected a dict"):
+        hook.load_state_dict(None)

@@ -263,7 +263,7 @@ def test_several_param_groups_and_one_dimensional_parameters():
     groups = [{"params": [model[0].weight], "lr": 0.3}, {"params": list(model[1:].parameters()), "lr": 0.05}]
     opt = torch.optim.SGD(groups, lr=0.1)
     # A 1-D parameter has one value per channel: its "sphere" is ±radius.
-    proj = WeightNormProjection(opt, [model[0].weight, model[3].weight, model[8].bias], radius=0.5)
+    proj = WeightNormProjection(opt, [model[0].weight, model[3].weight, model[8].bias], radius=0.5, allow_1d=True)
     _train(model, opt, _batches(2))
     for w in (model[0].weight, model[3].weight):
         torch.testing.assert_close(_norms(w), torch.full((w.shape[0],), 0.5, dtype=F64), rtol=1e-13, atol=0)
@@ -387,3 +387,51 @@ def test_gradscaler_with_a_fused_optimizer_leaves_weights_on_an_inf_step():
     w.grad[0, 0] = math.inf
     scaler.step(opt)
     torch.testing.assert_close(w.detach(), before, rtol=1e-15, atol=0)
+
+
+def test_one_dimensional_parameters_are_refused_unless_allowed():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # model.parameters() holds the batch norms' weights and biases and the head's bias: 1-D, refused by name.
+    with pytest.raises(ValueError, match=r"1\.weight.*allow_1d=True"):
+        WeightNormProjection(opt, list(model.parameters()), model=model, radius=1.0)
+    with pytest.raises(ValueError, match=r"params\[1\] of shape \(4,\).*allow_1d=True"):
+        WeightNormProjection(opt, list(model.parameters()), radius=1.0)
+    with pytest.raises(TypeError, match="allow_1d"):
+        WeightNormProjection(opt, INVARIANT, model=model, allow_1d="yes")
+
+
+@pytest.mark.parametrize("conv", [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d])
+def test_transposed_convolution_is_projected_per_output_channel(conv):
+    # Weight shape (C_in=3, C_out=5, *kernel): the output channels are dimension 1. C_in != C_out so that a
+    # projection along the wrong dimension could not pass by chance.
+    dims = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}[conv]
+    model = nn.Sequential(conv(3, 5, 2, bias=False), nn.BatchNorm1d(5) if dims == 1 else
+                          nn.BatchNorm2d(5) if dims == 2 else nn.BatchNorm3d(5)).to(F64)
+    w = model[0].weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    proj = WeightNormProjection(opt, ["0.weight"], model=model)
+    # The reference: each output channel's norm, computed independently in float64 from a copy moved to dim 0.
+    initial = torch.linalg.vector_norm(w.detach().double().movedim(1, 0).reshape(5, -1), dim=1)
+    assert proj.radii["0.weight"].shape == (5,)
+    torch.testing.assert_close(proj.radii["0.weight"], initial, rtol=1e-15, atol=0)
+    x = torch.randn(4, 3, *([3] * dims), dtype=F64)
+    before = w.detach().clone()
+    model(x).pow(3).mean().backward()
+    opt.step()
+    after = torch.linalg.vector_norm(w.detach().double().movedim(1, 0).reshape(5, -1), dim=1)
+    torch.testing.assert_close(after, initial, rtol=1e-13, atol=0)
+    assert not torch.allclose(w.detach(), before)  # the weight moved: its norms were kept by the projection
+
+
+@pytest.mark.parametrize("drop", ["p", "radius_scale", "radius"])
+def test_malformed_state_is_a_value_error_naming_what_is_missing(drop):
+    model = _net()
+    proj = WeightNormProjection(torch.optim.SGD(model.parameters(), lr=0.1), INVARIANT, model=model)
+    state = {k: v for k, v in proj.state_dict().items() if k != drop}
+    with pytest.raises(ValueError, match=rf"missing: \['{drop}'\]"):
+        proj.load_state_dict(state)
+    with pytest.raises(ValueError, match="expected a dict"):
+        proj.load_state_dict([1, 2])
+    with pytest.raises(ValueError, match="'radius' to be a dict"):
+        proj.load_state_dict({**proj.state_dict(), "radius": 1.0})

@@ -16,11 +16,11 @@ from ._common import (
     ParamsArg,
     channel_norms,
     check_nonzero,
-    check_optimizer,
-    check_positive_number,
     load_state_from_dict,
+    required_entries,
     state_to_dict,
 )
+from .checks import check_optimizer, check_power, check_radius
 
 __all__ = ["NormScaledLR", "default_power"]
 
@@ -64,7 +64,7 @@ class NormScaledLR(ChannelHook):
     For a scale-invariant weight (PAPER.md §1) the gradient shrinks as the norm grows,
     :math:`\nabla L(c\,w) = \nabla L(w)/c`, so SGD turns the direction with the effective step
     :math:`\eta/\lVert w\rVert^2` and Adam-like optimizers (whose update ignores the gradient's scale) with
-    :math:`\eta/\lVert w\rVert`. This hook multiplies each output channel's step (slice along dimension 0) by
+    :math:`\eta/\lVert w\rVert`. This hook multiplies each output channel's step by
 
     .. math::
         f_i = \left(\frac{\lVert w_i \rVert_2}{\rho_i}\right)^{\text{power}},
@@ -73,6 +73,11 @@ class NormScaledLR(ChannelHook):
     effective step is :math:`\eta/\rho_i^2` (SGD) or :math:`\eta/\rho_i` (Adam): the LR schedule alone sets it,
     as if the norm stayed :math:`\rho_i`. Weight decay on these weights then has no role (it only raised the
     effective LR by shrinking the norm) and should be 0.
+
+    Output channels are slices along dimension 0, or dimension 1 for a transposed convolution's weight (found
+    from ``model``; pass it for ``ConvTranspose{1,2,3}d``). Only weights of at least 2 dimensions are accepted: a
+    1-D parameter (a bias, initialised to zero, would get a factor of 0 and never train) is refused unless
+    ``allow_1d=True``.
 
     How the factor is applied, by ``power``:
 
@@ -124,10 +129,11 @@ class NormScaledLR(ChannelHook):
         example_inputs: positional inputs of one call of the model, e.g. ``(batch,)``, for ``params="auto"``.
         attach: register the step hooks on ``optimizer``. ``False`` leaves the timing to the caller
             (:meth:`before_step`, :meth:`after_step`). Default: ``True``.
+        allow_1d: accept 1-D parameters in ``params``, each value being one channel. Default: ``False``.
 
     Raises:
         TypeError: if ``optimizer`` is not a :class:`torch.optim.Optimizer` or ``params`` has the wrong type.
-        ValueError: if a chosen parameter is not in the optimizer, ``reference`` is not ``"init"`` nor a positive
+        ValueError: if a chosen parameter is not in the optimizer or is 1-D (without ``allow_1d=True``), ``reference`` is not ``"init"`` nor a positive
             finite number, ``power`` is not 1 or 2 (or ``"auto"`` with an optimizer it does not know), a chosen
             channel is zero, or ``params="auto"`` lacks ``model``/``example_inputs`` or finds nothing.
 
@@ -160,13 +166,13 @@ class NormScaledLR(ChannelHook):
         model: nn.Module | None = None,
         example_inputs: Any = None,
         attach: bool = True,
+        allow_1d: bool = False,
     ) -> None:
         check_optimizer(optimizer)
         if not isinstance(attach, bool):
             raise TypeError(f"expected attach to be a bool (got {attach!r})")
-        if isinstance(power, str):
-            if power != "auto":
-                raise ValueError(f"expected power to be 'auto', 1 or 2 (got {power!r})")
+        power = check_power(power)
+        if power == "auto":
             if type(optimizer) not in _POWER_OF_BUILTIN:
                 raise ValueError(
                     f"power='auto' knows torch's built-in optimizers only (got {type(optimizer).__name__}): pass "
@@ -174,22 +180,11 @@ class NormScaledLR(ChannelHook):
                     "change when the gradient is scaled (Adam-like)"
                 )
             power = _POWER_OF_BUILTIN[type(optimizer)]
-        elif isinstance(power, bool) or power not in (1, 2):
-            raise ValueError(
-                f"expected power to be 'auto', 1 or 2 (got {power!r}): 2 for an update proportional to the "
-                "gradient (SGD-like), 1 for one independent of the gradient's scale (Adam-like)"
-            )
-        if isinstance(reference, str):
-            if reference != "init":
-                raise ValueError(f"expected reference to be 'init' or a positive number (got {reference!r})")
-        else:
-            reference = check_positive_number(
-                reference, "reference", "pass reference='init' to use each channel's norm when attached"
-            )
-        super().__init__(optimizer, params, model, example_inputs)
+        reference = check_radius(reference, "reference")
+        super().__init__(optimizer, params, model, example_inputs, allow_1d)
         self.power = int(power)
         with torch.no_grad():
-            norms = channel_norms(self.params)
+            norms = channel_norms(self.params, 2, self.channel_dims)
             if reference == "init":
                 check_nonzero(norms, self.keys, self._owner, "pass an absolute reference=, or leave the "
                               "parameter out of params")
@@ -214,7 +209,7 @@ class NormScaledLR(ChannelHook):
         return state_to_dict(self.keys, self._references)
 
     def _factors_for(self, indices: list[int]) -> list[Tensor]:
-        norms = channel_norms([self.params[i] for i in indices])
+        norms = channel_norms([self.params[i] for i in indices], 2, [self.channel_dims[i] for i in indices])
         factors = torch._foreach_div(norms, [self._references[i] for i in indices])
         if self.power == 2:
             torch._foreach_mul_(factors, factors)
@@ -301,15 +296,16 @@ class NormScaledLR(ChannelHook):
         """Restores the state from :meth:`state_dict` exactly.
 
         Raises:
-            ValueError: if the saved power differs from this hook's (it decides how the hook is attached), or
+            ValueError: if an entry is missing, the saved power differs from this hook's (it decides how the hook is attached), or
                 the saved references are for other parameters or other channel counts.
         """
-        if state_dict["power"] != self.power:
+        power, references = required_entries(self._owner, state_dict, ("power", "reference"))
+        if power != self.power:
             raise ValueError(
                 f"{self._owner}.load_state_dict: expected power={self.power} like this hook "
-                f"(got {state_dict['power']!r}); construct the hook with power={state_dict['power']!r}"
+                f"(got {power!r}); construct the hook with power={power!r}"
             )
-        load_state_from_dict(self._owner, "reference", self.keys, self._references, state_dict["reference"])
+        load_state_from_dict(self._owner, "reference", self.keys, self._references, references)
 
     def extra_repr(self) -> str:
         return f"power={self.power}"

@@ -5,7 +5,6 @@ References: arXiv:1803.01814
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -17,15 +16,13 @@ from ._common import (
     ParamsArg,
     channel_norms,
     check_nonzero,
-    check_optimizer,
-    check_positive_number,
     load_state_from_dict,
+    required_entries,
     state_to_dict,
 )
+from .checks import check_norm_order, check_optimizer, check_positive_number, check_radius
 
 __all__ = ["WeightNormProjection"]
-
-_NORMS = (1, 2, math.inf)
 
 
 class WeightNormProjection(ChannelHook):
@@ -34,7 +31,7 @@ class WeightNormProjection(ChannelHook):
     For a scale-invariant weight (PAPER.md §1) only the direction :math:`\hat w = w/\lVert w\rVert` matters and
     plain SGD moves it with the effective step :math:`\eta/\lVert w\rVert^2`, so the growth of the norm during
     training silently lowers the learning rate. After every ``optimizer.step()`` this hook puts each output
-    channel ``w_i`` (slice along dimension 0) back on its sphere:
+    channel ``w_i`` back on its sphere:
 
     .. math::
         w_i \leftarrow \rho_i \, s \, \frac{w_i}{\lVert w_i \rVert_p},
@@ -54,6 +51,13 @@ class WeightNormProjection(ChannelHook):
     compiled with :func:`torch.compile`. Cost: one read of the chosen weights for the norms and one in-place
     scaling (benchmarks/optim_overhead.py).
 
+    **Which weights.** Per-output-channel weights, of at least 2 dimensions: the output channels are the slices
+    along dimension 0, or along dimension 1 for a transposed convolution's weight (``ConvTranspose{1,2,3}d``, found
+    from ``model``; without ``model`` every weight is sliced along dimension 0, so pass ``model=`` for transposed
+    convolutions). A 1-D parameter (a bias, a batch norm's weight) is refused unless ``allow_1d=True``: each of
+    its values is then a channel, projected to ``±radius``. For a transposed convolution with ``groups > 1`` a
+    slice along dimension 1 holds one output channel of every group, which are scaled together.
+
     **Exactness.** With an absolute ``radius``, every chosen weight is put on its sphere when the hook attaches:
     training from :math:`c\,W_0` and from :math:`W_0` is then the same computation from the first step, for any
     optimizer.
@@ -69,12 +73,13 @@ class WeightNormProjection(ChannelHook):
         model: the model, to find weights (``params="auto"``), look up names and key the state by parameter
             name (without a model, state is keyed by the parameter's position in the optimizer).
         example_inputs: positional inputs of one call of the model, e.g. ``(batch,)``, for ``params="auto"``.
+        allow_1d: accept 1-D parameters in ``params``, each value being one channel. Default: ``False``.
 
     Raises:
         TypeError: if ``optimizer`` is not a :class:`torch.optim.Optimizer` or ``params`` has the wrong type.
-        ValueError: if a chosen parameter is not in the optimizer, ``p`` is not 1, 2 or inf, ``radius`` is not
-            ``"init"`` nor a positive finite number, a chosen channel is zero, or ``params="auto"`` lacks
-            ``model``/``example_inputs`` or finds nothing.
+        ValueError: if a chosen parameter is not in the optimizer or is 1-D (without ``allow_1d=True``), ``p`` is
+            not 1, 2 or inf, ``radius`` is not ``"init"`` nor a positive finite number, a chosen channel is zero,
+            or ``params="auto"`` lacks ``model``/``example_inputs`` or finds nothing.
 
     Example::
 
@@ -106,20 +111,16 @@ class WeightNormProjection(ChannelHook):
         radius: float | str = "init",
         model: nn.Module | None = None,
         example_inputs: Any = None,
+        allow_1d: bool = False,
     ) -> None:
         check_optimizer(optimizer)
-        if p not in _NORMS:
-            raise ValueError(f"expected p to be 1, 2 or math.inf (got {p!r})")
-        if isinstance(radius, str):
-            if radius != "init":
-                raise ValueError(f"expected radius to be 'init' or a positive number (got {radius!r})")
-        else:
-            radius = check_positive_number(radius, "radius", "pass radius='init' to keep each channel's norm")
-        super().__init__(optimizer, params, model, example_inputs)
+        p = check_norm_order(p)
+        radius = check_radius(radius)
+        super().__init__(optimizer, params, model, example_inputs, allow_1d)
         self.p = p
         self._radius_scale = 1.0
         with torch.no_grad():
-            norms = channel_norms(self.params, p)
+            norms = channel_norms(self.params, p, self.channel_dims)
             check_nonzero(norms, self.keys, self._owner, "give those channels non-zero values, or leave the "
                           "parameter out of params")
             if radius == "init":
@@ -170,7 +171,7 @@ class WeightNormProjection(ChannelHook):
         if not indices:
             return
         weights = [self.params[i] for i in indices]
-        norms = channel_norms(weights, self.p)
+        norms = channel_norms(weights, self.p, [self.channel_dims[i] for i in indices])
         # A channel that became exactly zero has no direction: it stays zero rather than turning into NaN.
         factors = [torch.where(n > 0, self._radii[i] * self._radius_scale / n, 1.0) for i, n in zip(indices, norms)]
         torch._foreach_mul_(weights, factors)
@@ -186,13 +187,13 @@ class WeightNormProjection(ChannelHook):
         """Restores the state from :meth:`state_dict` (exactly; the weights themselves come from the model's).
 
         Raises:
-            ValueError: if the saved radii are for other parameters or other channel counts.
+            ValueError: if an entry is missing or malformed, or the saved radii are for other parameters or other
+                channel counts.
         """
-        p = state_dict["p"]
-        if p not in _NORMS:
-            raise ValueError(f"{self._owner}.load_state_dict: expected p to be 1, 2 or math.inf (got {p!r})")
-        scale = check_positive_number(state_dict["radius_scale"], "radius_scale", "the state is corrupt")
-        load_state_from_dict(self._owner, "radius", self.keys, self._radii, state_dict["radius"])
+        p, scale, radii = required_entries(self._owner, state_dict, ("p", "radius_scale", "radius"))
+        p = check_norm_order(p, f"{self._owner}.load_state_dict")
+        scale = check_positive_number(scale, "radius_scale", "the state is corrupt", f"{self._owner}.load_state_dict")
+        load_state_from_dict(self._owner, "radius", self.keys, self._radii, radii)
         self.p = p
         self._radius_scale = scale
 
