@@ -18,8 +18,8 @@ from .batchnorm import (
     LinfBatchNormNd,
     LpBatchNorm,
 )
-from .convert import convert_batchnorm, revert_batchnorm
-from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from .convert import convert_batchnorm, convert_sync_batchnorm, revert_batchnorm, revert_sync_batchnorm
+from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm
 from .optim import NormScaledLR, WeightNormProjection
 from .scale_invariance import scale_invariant_parameters
 from .weight_norm import bounded_weight_norm
