@@ -3,8 +3,9 @@ r"""L1 and L∞ batch normalization synchronised across the processes of a ``tor
 torch's :class:`torch.nn.SyncBatchNorm` cannot serve these layers: it computes L2 statistics, runs on CUDA
 only, and its converter turns every ``_BatchNorm`` subclass, ours included, into an L2 layer. This module
 provides the synchronised counterparts of normdecouple's layers, :class:`SyncL1BatchNorm` and
-:class:`SyncLinfBatchNorm` (any input rank >= 2, like torch's), and :func:`convert_sync_batchnorm` /
-:func:`revert_sync_batchnorm` to swap them into and out of a model. They work with every backend that
+:class:`SyncLinfBatchNorm` (any input rank >= 2, like torch's);
+:func:`normdecouple.convert_sync_batchnorm` / :func:`normdecouple.revert_sync_batchnorm` (in
+:mod:`normdecouple.convert`) swap them into and out of a model. They work with every backend that
 implements the collectives used (gloo on CPU, NCCL on CUDA).
 
 Exactness: the statistics, the running statistics and the input gradients are those of one process holding
@@ -46,7 +47,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import batchnorm as bn
 from ._constants import L1_SCALE
@@ -66,8 +67,6 @@ from .functional import update_running_stats
 __all__ = [
     "SyncL1BatchNorm",
     "SyncLinfBatchNorm",
-    "convert_sync_batchnorm",
-    "revert_sync_batchnorm",
     "count_collectives",
 ]
 
@@ -529,106 +528,3 @@ class SyncLinfBatchNorm(_SyncLpBatchNorm, bn._Linf):
             bias=bias, k=k, low_precision=low_precision, backend=backend,
         )
         self._init_sync(process_group)
-
-
-_SYNC_CLASSES = (SyncL1BatchNorm, SyncLinfBatchNorm)
-
-
-def _rebuild(module: bn.LpBatchNorm, cls: type[bn.LpBatchNorm], **extra: Any) -> bn.LpBatchNorm:
-    """A ``cls`` layer with ``module``'s hyperparameters, holding its very Parameter and buffer objects."""
-    kwargs: dict[str, Any] = {
-        "bias": module.bias is not None if module.affine else True,
-        "low_precision": module.low_precision,
-        "backend": module.backend,
-        **extra,
-    }
-    if isinstance(module, bn._Linf):
-        kwargs["k"] = module.k
-    output = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                 device="meta", **kwargs)
-    if module.affine:
-        output.weight = module.weight
-        output.bias = module.bias
-    output.running_mean = module.running_mean
-    output.running_var = module.running_var
-    output.num_batches_tracked = module.num_batches_tracked
-    output.train(module.training)
-    if hasattr(module, "qconfig"):
-        output.qconfig = module.qconfig
-    return output
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) -> nn.Module:
-    """Replace every normdecouple L1/L∞ layer in ``module`` by its synchronised counterpart.
-
-    Like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`, but for our layers, which torch's converter
-    would silently turn into L2 ``SyncBatchNorm``. ``L1BatchNorm*`` become :class:`SyncL1BatchNorm` and
-    ``LinfBatchNorm*`` :class:`SyncLinfBatchNorm`, keeping the very same Parameter objects (optimizers keep
-    working), the running statistics and ``num_batches_tracked`` (same tensors), the ``training`` flag,
-    ``eps``, ``momentum``, ``affine``, ``track_running_stats``, ``k``, ``low_precision`` and ``backend``. The
-    replaced class is recorded so that :func:`revert_sync_batchnorm` restores it exactly. Synchronised layers
-    already present are rebuilt for ``process_group``. torch's own ``BatchNorm*d`` layers are left alone
-    (convert them with :func:`normdecouple.convert_batchnorm` first, or apply torch's converter to the
-    submodules that hold only torch layers).
-
-    Args:
-        module: the model, or a single normdecouple layer.
-        process_group: the group to synchronise over; ``None`` for the default group. Default: ``None``.
-
-    Returns:
-        The converted module: ``module`` itself, changed in place, or a new layer if ``module`` was one of ours.
-
-    Example::
-
-        >>> import torch
-        >>> import normdecouple as nd
-        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-        >>> model = nd.convert_sync_batchnorm(nd.convert_batchnorm(model, norm="l1"))
-        >>> type(model[1]).__name__
-        'SyncL1BatchNorm'
-
-    References: arXiv:1803.01814
-    """
-    output = module
-    if isinstance(module, bn.LpBatchNorm):
-        sync_cls = SyncLinfBatchNorm if isinstance(module, bn._Linf) else SyncL1BatchNorm
-        unsync_cls = module._unsync_class if isinstance(module, _SYNC_CLASSES) else type(module)
-        output = _rebuild(module, sync_cls, process_group=process_group)
-        output._unsync_class = unsync_cls
-    for name, child in module.named_children():
-        output.add_module(name, convert_sync_batchnorm(child, process_group))
-    return output
-
-
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every :class:`SyncL1BatchNorm`/:class:`SyncLinfBatchNorm` in ``module`` by an unsynchronised layer.
-
-    The inverse of :func:`convert_sync_batchnorm`: each layer becomes the class it was converted from (e.g.
-    ``L1BatchNorm2d``), recorded at conversion; a layer constructed directly as a synchronised one becomes the
-    any-rank ``L1BatchNormNd``/``LinfBatchNormNd``, since its input rank is unknown. Parameters, buffers,
-    ``training`` and hyperparameters are kept as in :func:`convert_sync_batchnorm`. Use it to evaluate or
-    export a model trained with synchronisation in a single process.
-
-    Args:
-        module: the model, or a single synchronised layer.
-
-    Returns:
-        The reverted module: ``module`` itself, changed in place, or a new layer if ``module`` was one of ours.
-
-    Example::
-
-        >>> import torch
-        >>> import normdecouple as nd
-        >>> model = nd.convert_sync_batchnorm(torch.nn.Sequential(nd.LinfBatchNorm2d(8, k=2)))
-        >>> reverted = nd.revert_sync_batchnorm(model)
-        >>> type(reverted[0]).__name__, reverted[0].k
-        ('LinfBatchNorm2d', 2)
-
-    References: arXiv:1803.01814
-    """
-    output = module
-    if isinstance(module, _SYNC_CLASSES):
-        output = _rebuild(module, module._unsync_class)
-    for name, child in module.named_children():
-        output.add_module(name, revert_sync_batchnorm(child))
-    return output
