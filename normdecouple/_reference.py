@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._constants import L1_SCALE, topk_constant
+from .stats import Norm
 
 __all__ = ["reference_batch_norm"]
 
@@ -27,7 +28,7 @@ def reference_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
-    norm: str = "l1",
+    norm: str | Norm = "l1",
     k: int = 1,
 ) -> Tensor:
     """L1 or L∞ (top-k) batch norm, written out op by op. Updates the running statistics in place.
@@ -47,12 +48,10 @@ def reference_batch_norm(
         n = per_channel.shape[1]
         mu = per_channel.mean(dim=1, keepdim=True)
         dev = per_channel - mu
-        if norm == "l1":
+        if Norm.parse(norm) is Norm.L1:
             s = L1_SCALE * dev.abs().mean(dim=1)
-        elif norm == "linf":
-            s = dev.abs().topk(k, dim=1).values.mean(dim=1) / topk_constant(n, k)
         else:
-            raise ValueError(f"norm must be 'l1' or 'linf', got {norm!r}")
+            s = dev.abs().topk(k, dim=1).values.mean(dim=1) / topk_constant(n, k)
         y = (input - mu.view(shape)) / torch.sqrt(s.view(shape) ** 2 + eps)
         if running_mean is not None:
             with torch.no_grad():

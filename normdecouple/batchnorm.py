@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F_nd
+from .stats import Norm, accumulate_dtype
 
 __all__ = [
     "LpBatchNorm",
@@ -31,10 +32,6 @@ __all__ = [
 ]
 
 
-def _widened(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 class LpBatchNorm(_BatchNorm):
     """Base class of every normdecouple batch norm layer (L1, L∞, synchronised, fused with an activation).
 
@@ -43,7 +40,7 @@ class LpBatchNorm(_BatchNorm):
     directly: use ``L1BatchNorm2d``, ``LinfBatchNorm2d``, ... .
     """
 
-    norm: str = ""
+    norm: Norm
     _dim: int = 0
 
     def __init__(
@@ -68,9 +65,21 @@ class LpBatchNorm(_BatchNorm):
         )
         self.low_precision = low_precision
         self.backend = backend
-        if self.running_mean is not None and self.running_mean.dtype != _widened(self.running_mean.dtype):
-            self.running_mean = self.running_mean.float()
-            self.running_var = self.running_var.float()
+        self._widen_running_stats()
+
+    def _widen_running_stats(self) -> None:
+        """Running statistics never narrower than float32 (:func:`~normdecouple.stats.accumulate_dtype`)."""
+        for name in ("running_mean", "running_var"):
+            stat = getattr(self, name)
+            if stat is not None and stat.is_floating_point() and stat.dtype != accumulate_dtype(stat.dtype):
+                setattr(self, name, stat.to(accumulate_dtype(stat.dtype)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # load_state_dict(..., assign=True) puts the checkpoint's own tensors in place, fp16 ones included.
+        self._widen_running_stats()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LpBatchNorm:
         # Running statistics are never narrower than float32: `.half()` would overflow a variance-equivalent
@@ -79,8 +88,8 @@ class LpBatchNorm(_BatchNorm):
 
         def keep_wide(t: Tensor) -> Tensor:
             out = fn(t)
-            if id(t) in stats and out.is_floating_point() and out.dtype != _widened(out.dtype):
-                return t.to(device=out.device, dtype=_widened(out.dtype))
+            if id(t) in stats and out.is_floating_point() and out.dtype != accumulate_dtype(out.dtype):
+                return t.to(device=out.device, dtype=accumulate_dtype(out.dtype))
             return out
 
         return super()._apply(keep_wide, recurse)
@@ -103,11 +112,14 @@ class LpBatchNorm(_BatchNorm):
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
+        return _layer_forward(self, input)
+
+    def _forward_impl(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         exponential_average_factor = self._momentum_factor()
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        fn = F_nd.l1_batch_norm if self.norm == "l1" else F_nd.linf_batch_norm
+        fn = F_nd.l1_batch_norm if self.norm is Norm.L1 else F_nd.linf_batch_norm
         return fn(
             input,
             self.running_mean if track else None,
@@ -124,10 +136,22 @@ class LpBatchNorm(_BatchNorm):
         return super().extra_repr() + f", low_precision={self.low_precision}, backend={self.backend!r}"
 
 
+def _layer_forward(layer: LpBatchNorm, input: Tensor) -> Tensor:
+    """The layers' forward as one call that ``torch.fx.symbolic_trace`` records whole (it is ``fx.wrap``-ed).
+
+    The traced graph calls it with the layer itself (a ``get_attr`` node), so the mode, the running statistics
+    and ``num_batches_tracked`` are read and updated when the graph runs, exactly as calling the layer does.
+    """
+    return layer._forward_impl(input)
+
+
+torch.fx.wrap("_layer_forward")
+
+
 class _LinfMixin:
     """Adds ``k``, the number of largest |x - mean| averaged by the L∞ scale."""
 
-    norm = "linf"
+    norm = Norm.LINF
 
     def _init_k(self, k: int) -> None:
         self.k = F_nd.validate_k(k)
@@ -140,7 +164,7 @@ class _LinfMixin:
 
 
 class _L1(LpBatchNorm):
-    norm = "l1"
+    norm = Norm.L1
 
 
 class _Linf(_LinfMixin, LpBatchNorm):

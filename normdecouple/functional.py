@@ -16,14 +16,15 @@ import torch
 from torch import Tensor
 
 from ._constants import L1_SCALE, topk_constant
-from ._torch_backend import LpBatchNormFunction
+from ._torch_backend import LpBatchNormFunction, differentiable_batch_norm
+from .stats import Norm, can_read_on_host
 
 __all__ = ["l1_batch_norm", "linf_batch_norm", "topk_constant", "L1_SCALE", "BACKENDS", "NORMS"]
 
 #: Accepted values of ``backend``.
 BACKENDS = ("auto", "torch", "triton")
-#: Accepted values of ``norm`` in the converters and layers.
-NORMS = ("l1", "linf")
+#: Accepted values of ``norm`` in the converters and layers (the values of :class:`~normdecouple.stats.Norm`).
+NORMS = tuple(norm.value for norm in Norm)
 
 _nonfinite_warned = False
 
@@ -101,6 +102,35 @@ def _verify_batch_size(input: Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+def _check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                 bias: Tensor | None) -> None:
+    """torch's own errors (type and text) for an input dtype or channel count that batch norm cannot take."""
+    if not input.is_floating_point():
+        # torch's kernel names the dtype in its own words ("batch_norm" not implemented for 'Long'); a
+        # two-value call raises exactly that error (an empty input would skip the dtype dispatch).
+        torch.nn.functional.batch_norm(input.new_zeros(2, 1, device="cpu"), None, None, training=True)
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+def _needs_differentiable_path(input: Tensor, weight: Tensor | None) -> bool:
+    """Inputs that an autograd.Function with a hand-written backward cannot serve: ``torch.func`` transforms
+    (their wrapped tensors) and forward-mode AD (dual tensors); :func:`differentiable_batch_norm` does.
+    Under ``torch.compile`` the Function is traced (and differentiated) by the compiler itself."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in (input, weight):
+        if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+                   for t in (input, weight))
+    return False
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -123,8 +153,9 @@ def update_running_stats(
         running_mean.copy_(torch.where(finite, torch.lerp(running_mean, mean, momentum), running_mean))
         running_var.copy_(torch.where(finite, torch.lerp(running_var, var, momentum), running_var))
         global _nonfinite_warned
-        # The check needs the value on the host; compiled graphs skip the warning (not the protection).
-        if not _nonfinite_warned and not torch.compiler.is_compiling() and not bool(finite.all()):
+        # The check needs the value on the host; traced graphs (compile, export, meta and fake tensors,
+        # torch.func) skip the warning, not the protection.
+        if not _nonfinite_warned and can_read_on_host(finite) and not bool(finite.all()):
             _nonfinite_warned = True
             bad = int((~finite).sum())
             warnings.warn(
@@ -145,7 +176,7 @@ def _lp_batch_norm(
     training: bool,
     momentum: float,
     eps: float,
-    norm: str,
+    norm: Norm,
     k: int,
     low_precision: bool,
     backend: str,
@@ -153,6 +184,7 @@ def _lp_batch_norm(
     validate_backend(backend)
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    _check_input(input, running_mean, running_var, weight, bias)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
     if training and eps <= 0.0:
@@ -170,17 +202,34 @@ def _lp_batch_norm(
         b = None if bias is None else bias.to(stat_dtype)
         return torch.nn.functional.batch_norm(input, running_mean, running_var, w, b, False, 0.0, eps)
     _verify_batch_size(input)
-    count = input.numel() // input.shape[1]
-    if norm == "linf" and k > count:
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count == 0:
+        # torch's behaviour: the (empty) output, the running statistics untouched.
+        return _empty_output(input, weight, bias)
+    if norm is Norm.LINF and k > count:
         raise ValueError(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
             f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
         )
-    y, batch_mean, batch_scale = _select_function(input, backend).apply(
-        input, weight, bias, eps, norm, k, low_precision
-    )
+    if _needs_differentiable_path(input, weight):
+        y, batch_mean, batch_scale = differentiable_batch_norm(input, weight, bias, eps, norm, k)
+    else:
+        y, batch_mean, batch_scale = _select_function(input, backend).apply(
+            input, weight, bias, eps, norm, k, low_precision
+        )
     if running_mean is not None:
         update_running_stats(running_mean, running_var, batch_mean, batch_scale, count, momentum)
+    return y
+
+
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The output for a batch without values: empty, but in the autograd graph of input, weight and bias
+    (whose gradients are then zeros, as torch's)."""
+    y = input.clone()
+    if weight is not None:
+        y = y * weight.to(input.dtype).view([1, -1] + [1] * (input.dim() - 2))
+    if bias is not None:
+        y = y + bias.to(input.dtype).view([1, -1] + [1] * (input.dim() - 2))
     return y
 
 
@@ -220,7 +269,8 @@ def l1_batch_norm(
         eps: added to ``s^2``. Default: ``1e-5``.
         low_precision: compute the statistics in the input's dtype (fp16/bf16) without upcasting: a pairwise
             mean of means, no squares. Default: ``False`` (statistics accumulated in float32).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``. Default: ``"auto"`` (the PyTorch path).
+        backend: ``"auto"`` (the Triton kernels for CUDA tensors when Triton is importable, else the PyTorch
+            path), ``"torch"`` or ``"triton"``. Default: ``"auto"``.
 
     Returns:
         The normalised tensor, same shape, dtype and memory format as ``input``.
@@ -242,7 +292,7 @@ def l1_batch_norm(
     References: arXiv:1803.01814
     """
     return _lp_batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, "l1", 1, low_precision, backend
+        input, running_mean, running_var, weight, bias, training, momentum, eps, Norm.L1, 1, low_precision, backend
     )
 
 
@@ -299,5 +349,5 @@ def linf_batch_norm(
     """
     validate_k(k)
     return _lp_batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, "linf", k, low_precision, backend
+        input, running_mean, running_var, weight, bias, training, momentum, eps, Norm.LINF, k, low_precision, backend
     )

@@ -328,15 +328,16 @@ def test_property_any_shape_matches_reference(n, c, spatial, k, norm, channels_l
 def test_linf_dense_and_sparse_backward_terms_agree(k):
     # Eager mode selects the few values at or above the k-th largest |d|; compiled graphs use the dense form.
     # Quantised data makes ties common, and channel 2 is constant (t = 0).
-    from normdecouple._torch_backend import _linf_scale_term_dense, _linf_scale_term_sparse
+    from normdecouple._torch_backend import _sum_u_sparse
+    from normdecouple.stats import linf_tie_weights
 
     view = torch.randint(-3, 4, (6, 3, 5)).double()
     view[:, 2] = 1.5
     mean = view.mean(dim=(0, 2))
     dev = view - mean[:, None]
     threshold = dev.abs().transpose(0, 1).reshape(3, -1).topk(k, dim=1).values.amin(dim=1)
-    dense = _linf_scale_term_dense(dev.clone(), threshold, k, torch.float64)
-    (index, selected), sum_u = _linf_scale_term_sparse(view, mean, threshold, k, torch.float64)
+    dense = dev.sign() * linf_tie_weights(dev.abs(), threshold, k, (0, 2))
+    index, selected, sum_u = _sum_u_sparse(view, mean, threshold, k, torch.float64)
     scattered = torch.zeros_like(dense).index_put_(index, selected, accumulate=True)
     torch.testing.assert_close(scattered, dense, rtol=0, atol=1e-15)
     torch.testing.assert_close(sum_u, dense.sum(dim=(0, 2)))

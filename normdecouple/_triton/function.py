@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._torch_backend import backward_with_graph
+from ..stats import Norm
 from . import launch
 
 __all__ = ["TritonLpBatchNormFunction"]
@@ -31,7 +33,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: str, k: int, low_precision: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return launch.forward(x, weight, bias, eps, norm, k, low_precision)
+    return launch.forward(x, weight, bias, eps, Norm(norm), k, low_precision)
 
 
 @_forward_op.register_fake
@@ -39,8 +41,9 @@ def _(x, weight, bias, eps, norm, k, low_precision):
     c = x.shape[1]
     acc = _stat_dtype(x.dtype)
     per_channel = [x.new_empty(c, dtype=acc) for _ in range(3)]
-    threshold = x.new_empty(0 if norm == "l1" else c, dtype=acc)
-    sign_sum = x.new_empty(c if norm == "l1" else 0, dtype=torch.int32)
+    l1 = Norm(norm) is Norm.L1
+    threshold = x.new_empty(0 if l1 else c, dtype=acc)
+    sign_sum = x.new_empty(c if l1 else 0, dtype=torch.int32)
     return (torch.empty_like(x), *per_channel, threshold, sign_sum)
 
 
@@ -49,7 +52,8 @@ def _backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, scale: Tensor, inv_std: Tensor,
     threshold: Tensor, sign_sum: Tensor, norm: str, k: int, low_precision: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return launch.backward(grad_y, x, weight, mean, scale, inv_std, threshold, sign_sum, norm, k, low_precision)
+    return launch.backward(grad_y, x, weight, mean, scale, inv_std, threshold, sign_sum, Norm(norm), k,
+                           low_precision)
 
 
 @_backward_op.register_fake
@@ -60,29 +64,34 @@ def _(grad_y, x, weight, mean, scale, inv_std, threshold, sign_sum, norm, k, low
 class TritonLpBatchNormFunction(torch.autograd.Function):
     """Training-mode L1/L∞ batch norm on the Triton kernels, a drop-in for ``LpBatchNormFunction``.
 
-    ``apply(x, weight, bias, eps, norm, k, low_precision)`` returns ``(y, batch_mean, batch_scale)``, the
+    ``apply(x, weight, bias, eps, norm, k, low_precision)`` (``norm`` a ``Norm``) returns ``(y, batch_mean, batch_scale)``, the
     statistics in float32 (float64 for float64 input) and without gradient; running statistics are never
     touched here. The backward keeps the input, the weight and per-channel vectors: mu, s, 1/s_e and for L∞
-    the k-th largest |d| (tie rule), for L1 the sum of sign(d).
+    the k-th largest |d| (tie rule), for L1 the sum of sign(d). With ``create_graph=True`` the backward is
+    :func:`normdecouple._torch_backend.backward_with_graph` (differentiable again).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, norm, k, low_precision):
         weight_k = None if weight is None else weight.contiguous()
         bias_k = None if bias is None else bias.contiguous()
-        y, mean, scale, inv_std, threshold, sign_sum = _forward_op(x, weight_k, bias_k, eps, norm, k, low_precision)
-        ctx.norm, ctx.k, ctx.low_precision = norm, k, low_precision
+        y, mean, scale, inv_std, threshold, sign_sum = _forward_op(
+            x, weight_k, bias_k, eps, norm.value, k, low_precision
+        )
+        ctx.norm, ctx.k, ctx.eps, ctx.low_precision = norm, k, eps, low_precision
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight_k, mean, scale, inv_std, threshold, sign_sum)
         ctx.mark_non_differentiable(mean, scale)
         return y, mean, scale
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_mean, grad_scale):
         x, weight, mean, scale, inv_std, threshold, sign_sum = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' backward is not differentiable; the PyTorch path's is.
+            return backward_with_graph(ctx, grad_y, x, weight) + (None,) * 4
         grad_x, sum_dy_xhat, sum_dy = _backward_op(
-            grad_y, x, weight, mean, scale, inv_std, threshold, sign_sum, ctx.norm, ctx.k, ctx.low_precision
+            grad_y, x, weight, mean, scale, inv_std, threshold, sign_sum, ctx.norm.value, ctx.k, ctx.low_precision
         )
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._constants import L1_SCALE, topk_constant
+from ..stats import Norm, hypot_eps, pairwise_mean
 from . import kernels
 
 __all__ = ["TileConfig", "tile_config", "forward", "backward", "MAX_KERNEL_K"]
@@ -193,10 +194,10 @@ def _fused_block_c(c: int, block_n: int, config: TileConfig) -> int:
     return max(1, min(_next_pow2(c), config.fused_elems // block_n))
 
 
-def _forward_constants(dtype: torch.dtype, norm: str, n: int, k: int, eps: float, lowp: bool,
+def _forward_constants(dtype: torch.dtype, norm: Norm, n: int, k: int, eps: float, lowp: bool,
                        device: torch.device) -> Tensor:
     """[scale factor, eps, sqrt(eps) rounded to the input dtype, width / n, KPAD / k] in float64, from the host."""
-    factor = L1_SCALE if norm == "l1" else 1.0 / topk_constant(n, k)
+    factor = L1_SCALE if norm is Norm.L1 else 1.0 / topk_constant(n, k)
     root_eps = math.sqrt(eps)
     if lowp:
         root_eps = float(torch.tensor(root_eps, dtype=torch.float64).to(dtype))
@@ -211,7 +212,7 @@ def _common(x: Tensor, low_precision: bool) -> tuple[bool, torch.dtype, tl.dtype
     return lowp, acc, _TL_DTYPES[x.dtype], _TL_DTYPES[acc], x.numel() >= 2**31
 
 
-def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: str, k: int,
+def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int,
             low_precision: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training-mode L1/L∞ batch norm forward.
 
@@ -221,7 +222,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n
         weight: ``(C,)`` or None.
         bias: ``(C,)`` or None.
         eps: added to ``s^2``.
-        norm: ``"l1"`` or ``"linf"``.
+        norm: :class:`~normdecouple.stats.Norm`.
         k: top-k count of the L∞ scale (ignored for L1).
         low_precision: statistics in the input dtype (fp16/bf16 only).
 
@@ -233,7 +234,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n
     lowp, acc, dt, acc_tl, index_64 = _common(x, low_precision)
     c = x.shape[1]
     n = x.numel() // c
-    l1 = norm == "l1"
+    l1 = norm is Norm.L1
     kpad = _next_pow2(k) if not l1 else 0
     device = x.device
     config = tile_config(device)
@@ -346,15 +347,13 @@ def _host_topk_statistics(xk: Tensor, mean: Tensor, weight: Tensor | None, const
                           lowp: bool, dtype: torch.dtype, scale: Tensor, inv_std: Tensor, mult: Tensor,
                           threshold: Tensor) -> None:
     """L∞ statistics for k > MAX_KERNEL_K with ``torch.topk``, in the kernels' arithmetic (see kernels.py)."""
-    from .._torch_backend import _hypot, _tree_mean
-
     c = xk.shape[1]
     per_channel = xk.transpose(0, 1).reshape(c, -1)
     if lowp:
         abs_dev = (per_channel - mean.to(dtype)[:, None]).abs()
         top = abs_dev.topk(k, dim=1).values
-        s = _tree_mean(top) * float(consts[0])
-        s_e = _hypot(s, math.sqrt(float(consts[1])))
+        s = pairwise_mean(top) * float(consts[0])
+        s_e = hypot_eps(s, math.sqrt(float(consts[1])))
         gamma = torch.ones_like(s) if weight is None else weight.to(dtype)
         mult.copy_(gamma / s_e)
         inv_std.copy_(1.0 / s_e.to(inv_std.dtype))
@@ -369,7 +368,7 @@ def _host_topk_statistics(xk: Tensor, mean: Tensor, weight: Tensor | None, const
 
 
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, scale: Tensor, inv_std: Tensor,
-             threshold: Tensor, sign_sum: Tensor, norm: str, k: int,
+             threshold: Tensor, sign_sum: Tensor, norm: Norm, k: int,
              low_precision: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`forward`: one reduction pass, one elementwise pass (or one persistent kernel).
 
@@ -385,7 +384,7 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, sca
     lowp, acc, dt, acc_tl, index_64 = _common(x, low_precision)
     c = x.shape[1]
     n = x.numel() // c
-    l1 = norm == "l1"
+    l1 = norm is Norm.L1
     device = x.device
     config = tile_config(device)
     factor = L1_SCALE if l1 else n / (k * topk_constant(n, k))

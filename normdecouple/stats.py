@@ -1,0 +1,286 @@
+r"""Per-channel statistics of L1 and L∞ batch normalization: the math every backend shares.
+
+The PyTorch backend (:mod:`normdecouple._torch_backend`), the synchronised layers
+(:mod:`normdecouple.distributed`, which only add collectives on top) and the Triton launchers
+(:mod:`normdecouple._triton.launch`) all compute their statistics and gradients with the functions here.
+
+Notation (one channel, n = N * spatial values): mean mu, deviations d = x - mu, scale s,
+s_e = sqrt(s^2 + eps), x_hat = d / s_e, g = dL/dy * weight; means over the channel's n values.
+
+Scales:
+
+* L1:  s = sqrt(pi/2) * mean|d|                                          (:func:`l1_scale`)
+* L∞:  s = mean of the k largest |d| / c(n, k), and t, the k-th largest |d| (:func:`linf_scale`)
+
+Input gradient (:func:`input_grad`): if ds/dd_i = a_i, then
+
+    dx_i = (g_i - mean(g) - (s / s_e) * (sum_j g_j x_hat_j) * (a_i - mean(a))) / s_e
+
+* L1:  a_i = sqrt(pi/2) * u_i / n, u_i = sign(d_i)               (sign(0) = 0)
+* L∞:  a_i = u_i / (k * c(n, k)), u_i = sign(d_i) * w_i, with the tie rule (:func:`linf_tie_weights`)
+       w_i = 1 if |d_i| > t, (k - #{|d| > t}) / #{|d| = t} if |d_i| = t, 0 otherwise:
+       the k-th place is shared evenly by all values tied there, which is the average of the
+       subgradients over every way of breaking the tie (and the plain top-k gradient when there is none).
+
+Written as ``dx = dy * (gamma / s_e) + offset + coef * u`` per channel, with
+``coef = -(s / s_e) * mean(g x_hat) / s_e * (n a_i / u_i)`` and ``offset = -mean(g) / s_e - coef * mean(u)``:
+:func:`input_grad_coefficients` computes (coef, offset) from the per-channel sums, which is all that the
+synchronised layers need to reduce across processes.
+
+Low precision (``low_precision=True``): every step of the statistics in the input dtype, with
+:func:`pairwise_mean` (a mean of means that halves at every level, so no partial result exceeds the largest
+input and the count never enters the arithmetic) and :func:`hypot_eps` (s_e without squaring anything larger
+than 1); constants come from float64 on the host.
+
+References: arXiv:1803.01814
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+from torch import Tensor
+
+from ._constants import L1_SCALE, topk_constant
+
+__all__ = [
+    "Norm",
+    "accumulate_dtype",
+    "is_channels_last",
+    "canonical",
+    "uncanonical",
+    "channel_major",
+    "per_channel",
+    "pairwise_mean",
+    "hypot_eps",
+    "traceable_topk_constant",
+    "l1_scale",
+    "linf_scale",
+    "scale_factor",
+    "linf_tie_weights",
+    "linf_selected",
+    "input_grad_coefficients",
+    "input_grad",
+    "can_read_on_host",
+]
+
+
+class Norm(enum.Enum):
+    """Which norm of the deviations the batch norm divides by: ``Norm.L1`` or ``Norm.LINF`` (top-k)."""
+
+    L1 = "l1"
+    LINF = "linf"
+
+    @classmethod
+    def parse(cls, value: str | Norm) -> Norm:
+        """``Norm`` from ``"l1"`` / ``"linf"`` (or a ``Norm``); a ``ValueError`` naming the choices otherwise."""
+        if isinstance(value, Norm):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"norm must be one of {[m.value for m in cls]}, got {value!r}") from None
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated and kept in: at least float32 (float64 stays float64).
+
+    The one place of the "at least float32" rule: running statistics, batch statistics and the backward's
+    sums all use it.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is stored channels-last (and not also contiguous), the one other layout we keep."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def canonical(x: Tensor, channels_last: bool) -> Tensor:
+    """A 3-D (A, C, B) view of ``x``: (N, C, spatial) or, for channels_last, (N*spatial, C, 1).
+
+    Elementwise ops with a (1, C, 1) per-channel vector and reductions over dims (0, 2) run several times
+    faster on this view than on the 4-D/5-D tensor; ``reshape`` copies only for other, rarer layouts.
+    """
+    if channels_last:
+        return x.movedim(1, -1).reshape(-1, x.shape[1], 1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def uncanonical(v: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """Inverse of :func:`canonical`: the (A, C, B) tensor ``v`` back in the input's shape and layout."""
+    if channels_last:
+        return v.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return v.view(shape)
+
+
+def channel_major(x: Tensor) -> Tensor:
+    """(C, n) view of the channel's values; a copy unless the batch dimension is 1."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """The (C,) vector ``v`` as (1, C, 1, ...), broadcastable against ``x``."""
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def pairwise_mean(v: Tensor) -> Tensor:
+    """Row means of a (C, n) tensor in its own dtype: a pairwise mean of means, halving at every level.
+
+    Each level computes ``a * 0.5 + b * 0.5`` in ``v.dtype``, so no intermediate exceeds the largest |value|
+    (a plain fp16 sum of a few hundred activations of 1e3 would overflow) and rounding errors grow with
+    log2(n), not n. Zero padding to a power of two is undone by one multiplication with ``width / n``,
+    a host constant in [1, 2).
+    """
+    n = v.shape[1]
+    width = 1 << max(0, (n - 1).bit_length())
+    if width != n:
+        v = torch.nn.functional.pad(v, (0, width - n))
+    while v.shape[1] > 1:
+        v = v[:, 0::2] * 0.5 + v[:, 1::2] * 0.5
+    return v[:, 0] * (width / n)
+
+
+def hypot_eps(s: Tensor, root_eps: float) -> Tensor:
+    """s_e = sqrt(s^2 + root_eps^2) in s's dtype without squaring anything larger than 1."""
+    floor = torch.full_like(s, root_eps)
+    hi = torch.maximum(s, floor)
+    lo = torch.minimum(s, floor)
+    ratio = lo / hi
+    return hi * torch.sqrt(1.0 + ratio * ratio)
+
+
+@torch.library.custom_op("normdecouple::topk_constant", mutates_args=())
+def _topk_constant_op(n: int, k: int) -> Tensor:
+    return torch.tensor(topk_constant(n, k), dtype=torch.float64)
+
+
+@_topk_constant_op.register_fake
+def _(n: int, k: int) -> Tensor:
+    return torch.empty((), dtype=torch.float64)
+
+
+def traceable_topk_constant(n: int, k: int) -> float | Tensor:
+    """c(n, k) as a float eagerly; under ``torch.compile`` (where n may be symbolic) through a custom op."""
+    if torch.compiler.is_compiling():
+        return _topk_constant_op(n, k)
+    return topk_constant(n, k)
+
+
+def scale_factor(norm: Norm, n: int, k: int) -> float | Tensor:
+    """n * a_i / u_i of the module docstring: ``sqrt(pi/2)`` for L1, ``n / (k c(n, k))`` for L∞."""
+    if norm is Norm.L1:
+        return L1_SCALE
+    return n / (k * traceable_topk_constant(n, k))
+
+
+def l1_scale(abs_dev: Tensor, n: int, lowp: bool) -> Tensor:
+    """s = sqrt(pi/2) mean|d| from |d| laid out as (C, n) (``lowp``: :func:`pairwise_mean`) or (A, C, B)."""
+    if lowp:
+        return pairwise_mean(abs_dev) * L1_SCALE
+    return abs_dev.sum(dim=(0, 2)) * (L1_SCALE / n)
+
+
+def linf_scale(abs_dev: Tensor, n: int, k: int, lowp: bool) -> tuple[Tensor, Tensor]:
+    """(s, t): the top-k mean of |d| over c(n, k), and t, the k-th largest |d|.
+
+    ``abs_dev`` is (C, n) when ``lowp`` (then the top-k mean is a :func:`pairwise_mean`), else (A, C, B).
+    """
+    inv_c = 1.0 / traceable_topk_constant(n, k)
+    rows = abs_dev if lowp else channel_major(abs_dev)
+    top = rows.topk(k, dim=1, sorted=False).values
+    threshold = top.amin(dim=1)
+    mean_top = pairwise_mean(top) if lowp else top.mean(dim=1)
+    return mean_top * inv_c, threshold
+
+
+def linf_tie_weights(abs_dev: Tensor, threshold: Tensor, k: int, dims: tuple[int, ...]) -> Tensor:
+    """w_i of the L∞ tie rule for every value: 1 above t, (k - #above) / #tied at t, 0 below.
+
+    ``abs_dev`` has its channels on the one dimension not in ``dims`` (the reduced ones); ``threshold`` (t) is
+    per channel. t = 0 means every |d| of that channel is 0; its weights are then the share (finite, and
+    multiplied by sign(d) = 0 wherever they are used).
+    """
+    shape = [1] * abs_dev.dim()
+    channel_dim = next(i for i in range(abs_dev.dim()) if i not in dims)
+    shape[channel_dim] = -1
+    thr = threshold.to(abs_dev.dtype).view(shape)
+    tied = abs_dev == thr
+    above = abs_dev > thr
+    acc = accumulate_dtype(abs_dev.dtype)
+    n_tied = tied.sum(dim=dims, dtype=acc).clamp(min=1)
+    share = ((k - above.sum(dim=dims, dtype=acc)) / n_tied).view(shape)
+    return torch.where(above, 1.0, torch.where(tied, share, 0.0))
+
+
+def linf_selected(
+    view: Tensor, dev_mean: Tensor, threshold: Tensor, acc: torch.dtype
+) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+    """The values with |d| >= t > 0: their indices into the (A, C, B) ``view``, sign(d), and whether |d| > t.
+
+    Only these carry the L∞ scale's gradient (about k per channel), so everything after the one comparison
+    pass is tiny. d is recomputed with the forward's exact operation, so the comparisons with t are
+    bit-for-bit the forward's. t = 0 (a constant channel, e.g. a dead ReLU) has no scale gradient anywhere,
+    so nothing is selected there. Needs ``nonzero``, a host sync: traced graphs use :func:`linf_tie_weights`.
+    """
+    abs_dev = (view - dev_mean[:, None]).abs_()
+    thr = threshold.to(abs_dev.dtype)
+    select_from = torch.where(thr > 0, thr, torch.full_like(thr, float("inf")))
+    index = torch.nonzero(abs_dev >= select_from[:, None], as_tuple=True)
+    del abs_dev
+    d_selected = view[index] - dev_mean[index[1]]
+    above = d_selected.abs() > thr[index[1]]
+    return index, torch.sign(d_selected).to(acc), above
+
+
+def input_grad_coefficients(
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    sum_u: Tensor,
+    gamma: Tensor,
+    scale: Tensor,
+    inv_std: Tensor,
+    n: int,
+    factor: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel (coef, offset) of ``dx = dy * gamma / s_e + offset + coef * u`` from the channel sums.
+
+    Args:
+        sum_dy, sum_dy_xhat: sum(dL/dy) and sum(dL/dy * x_hat) over the channel's n values.
+        sum_u: sum of u (sign(d) for L1, sign(d) w for L∞).
+        gamma: the weight (ones without affine), scale: s, inv_std: 1/s_e, all (C,).
+        n: the number of values per channel; factor: :func:`scale_factor`.
+    """
+    mean_g = gamma * sum_dy / n
+    mean_g_xhat = gamma * sum_dy_xhat / n
+    coef = -(scale * inv_std) * inv_std * mean_g_xhat * factor
+    offset = -(mean_g * inv_std) - coef * (sum_u / n)
+    return coef, offset
+
+
+def input_grad(dy: Tensor, u: Tensor, gamma: Tensor, inv_std: Tensor, coef: Tensor, offset: Tensor) -> Tensor:
+    """``dx = dy * gamma / s_e + offset + coef * u`` on (A, C, B) views, in the dtype of ``coef``."""
+    grad_x = torch.addcmul(offset[:, None], u, coef[:, None])
+    return grad_x.addcmul_(dy, (gamma * inv_std)[:, None])
+
+
+def can_read_on_host(t: Tensor) -> bool:
+    """Whether reading ``t``'s values on the host is possible here: not while tracing or transforming.
+
+    False under ``torch.compile``/``torch.export``, for meta and fake tensors (``FakeTensorMode``), and for
+    the wrapped tensors of ``torch.func`` transforms; the callers then skip only what needs the value (the
+    non-finite-statistics warning) or take a path without data-dependent shapes.
+    """
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    return not _is_fake(t)
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
