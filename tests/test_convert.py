@@ -154,3 +154,213 @@ def test_already_converted_layers_are_left_alone():
 def test_bad_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         nd.convert_batchnorm(nn.BatchNorm2d(3), *args, **kwargs)
+
+
+# --- Converters never change a model silently (issue 12) ---------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
+
+
+def _sync_round_trip(model):
+    return nd.revert_sync_batchnorm(nd.convert_sync_batchnorm(model))
+
+
+# Each converter with a model it acts on: torch layers for convert_batchnorm, ours for the other three.
+CONVERTERS = {
+    "convert_batchnorm": (lambda: nn.BatchNorm2d(3), lambda m: nd.convert_batchnorm(m, "linf", k=2)),
+    "revert_batchnorm": (lambda: nd.L1BatchNorm2d(3), nd.revert_batchnorm),
+    "convert_sync_batchnorm": (lambda: nd.LinfBatchNorm2d(3, k=2), nd.convert_sync_batchnorm),
+    "revert_sync_batchnorm": (lambda: nd.SyncL1BatchNorm(3), nd.revert_sync_batchnorm),
+}
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+def test_shared_instance_stays_shared(converter):
+    make, convert = CONVERTERS[converter]
+    shared = make()
+    model = nn.Module()
+    model.a = nn.Sequential(nn.Conv2d(3, 3, 1), shared)
+    model.b = nn.Sequential(shared, nn.ReLU())
+    model.c = shared
+    before = copy.deepcopy(model)  # deepcopy keeps the sharing
+    out = convert(model)
+    assert out is model
+    assert out.a[1] is out.b[0] is out.c and out.c is not shared
+    assert out.c.weight is shared.weight and out.c.running_var is shared.running_var
+    # One layer, so one set of parameters (as an optimizer sees them) and the same state_dict keys.
+    assert len(list(out.parameters())) == len(list(before.parameters())) == 4
+    assert list(out.state_dict()) == list(before.state_dict())
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+def test_hooks_are_carried_over_and_fire(converter):
+    make, convert = CONVERTERS[converter]
+    layer = make()
+    fired = []
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args: fired.append("pre")),
+        layer.register_forward_pre_hook(lambda m, args, kwargs: fired.append("pre_kwargs"), with_kwargs=True),
+        layer.register_forward_hook(lambda m, args, out: fired.append("post")),
+        layer.register_forward_hook(lambda m, args, out: fired.append("always"), always_call=True),
+        layer.register_forward_hook(lambda m, args, kwargs, out: fired.append("post_kwargs"), with_kwargs=True),
+        layer.register_full_backward_pre_hook(lambda m, grad_out: fired.append("backward_pre")),
+        layer.register_full_backward_hook(lambda m, grad_in, grad_out: fired.append("backward")),
+        layer.register_state_dict_post_hook(lambda m, sd, prefix, local: fired.append("state_dict")),
+        layer.register_load_state_dict_post_hook(lambda m, keys: fired.append("load")),
+    ]
+    new = convert(nn.Sequential(layer))[0]
+    assert new is not layer
+    new.eval()  # a synchronised layer needs a process group in training only
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    new(x).sum().backward()
+    new.load_state_dict(new.state_dict())
+    assert fired == ["pre", "pre_kwargs", "post", "always", "post_kwargs", "backward_pre", "backward",
+                     "state_dict", "load"]
+    # The user's handles still work on the new layer.
+    for handle in handles:
+        handle.remove()
+    fired.clear()
+    new(x).sum().backward()
+    assert fired == []
+
+
+class _Positive(nn.Module):
+    """A parametrization with a gradient that is not the identity's, so a lost one shows in the outputs."""
+
+    def forward(self, w):
+        return F.softplus(w)
+
+
+def test_parametrizations_are_kept():
+    torch_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    parametrize.register_parametrization(torch_model[1], "weight", _Positive())
+    parametrize.register_parametrization(torch_model[1], "bias", _Positive())
+    torch_model(torch.randn(8, 3, 6, 6) * 3)  # non-trivial running statistics
+    original = torch_model[1].parametrizations.weight.original
+    parametrization = torch_model[1].parametrizations.weight[0]
+    before = copy.deepcopy(torch_model)
+    model = nd.convert_batchnorm(torch_model, "l1")
+    layer = model[1]
+    assert isinstance(layer, nd.L1BatchNorm2d) and parametrize.is_parametrized(layer, "weight")
+    assert layer.parametrizations.weight.original is original and layer.parametrizations.weight[0] is parametrization
+    assert model.state_dict().keys() == before.state_dict().keys()
+    x = torch.randn(8, 3, 6, 6)
+    model.eval(), before.eval()
+    torch.testing.assert_close(model(x), before(x), rtol=0, atol=0)
+    # Training: our L1 layer with softplus(original) as its weight, built by hand.
+    reference = nd.L1BatchNorm2d(4)
+    with torch.no_grad():
+        reference.weight.copy_(F.softplus(original))
+        reference.bias.copy_(F.softplus(before[1].parametrizations.bias.original))
+    model.train()
+    h = model[0](x)
+    torch.testing.assert_close(model[1](h), reference(h))
+    model[1](h).square().sum().backward()
+    assert original.grad is not None  # the gradient reaches the user's original parameter
+    # And back: torch's layer with the same parametrization and parameter, the same eval outputs.
+    expected = model.eval()(x)
+    reverted = nd.revert_batchnorm(model)
+    assert type(reverted[1]).__bases__ == (nn.BatchNorm2d,)
+    assert reverted[1].parametrizations.weight.original is original
+    torch.testing.assert_close(reverted(x), expected, rtol=0, atol=0)
+
+
+def test_extra_attributes_qconfig_and_requires_grad_are_kept():
+    layer = nn.BatchNorm2d(3)
+    layer.qconfig = "qconfig"
+    layer.tag = {"frozen": True}
+    layer.weight.requires_grad_(False)
+    new = nd.convert_batchnorm(layer, "linf", k=2, backend="torch")
+    assert new.qconfig == "qconfig" and new.tag is layer.tag and not new.weight.requires_grad
+    assert (new.k, new.backend) == (2, "torch")
+    synced = nd.convert_sync_batchnorm(new, process_group="g")
+    assert synced.tag is layer.tag and synced.k == 2 and synced.process_group == "g"
+    back = nd.revert_batchnorm(nd.revert_sync_batchnorm(synced))
+    assert type(back) is nn.BatchNorm2d and back.tag is layer.tag and back.qconfig == "qconfig"
+    # Our constructor arguments do not travel onto torch's layer.
+    assert not any(hasattr(back, name) for name in ("k", "backend", "low_precision", "process_group"))
+
+
+def _snapshot(model):
+    """Everything a failed conversion must leave as it was: the objects, the state, the hooks."""
+    return (
+        [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)],
+        [(name, id(t)) for name, t in model.state_dict(keep_vars=True).items()],
+        {name: t if isinstance(t, nn.parameter.UninitializedTensorMixin) else t.clone()
+         for name, t in model.state_dict().items()},
+        [(id(m._forward_hooks), list(m._forward_hooks)) for m in model.modules()],
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    after = _snapshot(model)
+    assert after[0] == snapshot[0] and after[1] == snapshot[1] and after[3] == snapshot[3]
+    assert after[2].keys() == snapshot[2].keys()
+    for name in snapshot[2]:
+        if isinstance(snapshot[2][name], nn.parameter.UninitializedTensorMixin):
+            assert after[2][name] is snapshot[2][name]
+            continue
+        torch.testing.assert_close(after[2][name], snapshot[2][name], rtol=0, atol=0, msg=name)
+
+
+class _FusedLike(nd.LpBatchNorm):
+    """Stands for a fused BatchNorm + activation layer: one of ours, but not an L1BatchNorm2d."""
+
+    norm = nd.L1BatchNorm2d.norm
+    _dim = 2
+
+    def forward(self, input, residual=None):
+        y = super().forward(input)
+        return F.relu(y if residual is None else y + residual)
+
+
+def _model_with(middle, outer=nn.BatchNorm2d):
+    """Convertible layers before and after ``middle`` (the walk meets it between them)."""
+    model = nn.Sequential(outer(3), nn.Sequential(nn.Conv2d(3, 3, 1), middle), outer(3))
+    model[0].register_forward_hook(lambda m, i, o: None)
+    return model
+
+
+@pytest.mark.parametrize("case", ["lazy", "scripted", "revert_fp16", "revert_fused", "sync_fused", "revert_sync"])
+def test_a_failing_converter_leaves_the_model_as_it_was(case):
+    if case == "lazy":
+        model, convert, match = _model_with(nn.LazyBatchNorm2d()), nd.convert_batchnorm, r"`1\.1`.*forward"
+    elif case == "scripted":
+        model = _model_with(torch.jit.script(nn.BatchNorm2d(3)))
+        convert, match = nd.convert_batchnorm, r"`1\.1` is a TorchScript-compiled BatchNorm2d"
+    elif case == "revert_fp16":
+        middle = nd.L1BatchNorm2d(3).half()
+        middle.running_var.fill_(1e6)  # beyond fp16's range, which torch's layer would need
+        model, convert, match = nd.convert_batchnorm(_model_with(middle)), nd.revert_batchnorm, r"`1\.1`.*float16"
+    elif case == "revert_fused":
+        model = nd.convert_batchnorm(_model_with(_FusedLike(3)))
+        convert, match = nd.revert_batchnorm, r"`1\.1` is a _FusedLike, a normdecouple layer with no torch"
+    elif case == "sync_fused":
+        model = nd.convert_batchnorm(_model_with(_FusedLike(3)))
+        convert, match = nd.convert_sync_batchnorm, r"`1\.1` is a _FusedLike.*no synchronised counterpart"
+    else:
+        class MySync(nd.SyncL1BatchNorm):
+            pass
+
+        model = _model_with(MySync(3), outer=nd.SyncLinfBatchNorm)
+        convert, match = nd.revert_sync_batchnorm, r"`1\.1` is a .*MySync.*no rule"
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        convert(model)
+    _assert_unchanged(model, snapshot)
+
+
+def test_lazy_layer_converts_once_materialised():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"`1` is an uninitialised LazyBatchNorm2d.*Run one forward pass first"):
+        nd.convert_batchnorm(model)
+    model(torch.randn(2, 3, 4, 4))
+    assert type(nd.convert_batchnorm(model)[1]) is nd.L1BatchNorm2d
+
+
+def test_fused_like_layers_are_left_alone_by_convert_and_named_by_revert():
+    fused = _FusedLike(3)
+    assert nd.convert_batchnorm(fused) is fused
+    with pytest.raises(ValueError, match="the root module is a _FusedLike"):
+        nd.revert_batchnorm(fused)
