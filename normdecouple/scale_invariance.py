@@ -2,9 +2,11 @@
 
 A weight ``w`` whose output channels reach the loss only through a batch norm is *scale-invariant*: scaling any
 output channel of ``w`` by ``c > 0`` leaves the training loss unchanged (PAPER.md §1). Those are the weights the
-optimizer hooks of :mod:`normdecouple.optim` act on. :func:`scale_invariant_parameters` finds them once, from one
-forward pass on an example batch, by following how a per-channel scaling of each weight travels through the
-operations the model actually runs.
+optimizer hooks of :mod:`normdecouple.optim` act on. :func:`scale_invariant_parameters` finds them from one
+forward pass on an example batch; :class:`ScaleInvarianceTrace` does the same while any code runs (a real training
+step, for a Lightning module without ``forward``). Both follow how a per-channel scaling of each weight travels
+through the operations the model actually runs: each torch function has a *rule*, a pure function from its
+arguments and their tags to its outputs' tags, looked up by name in :data:`RULES`.
 
 References: arXiv:1803.01814
 """
@@ -12,11 +14,12 @@ References: arXiv:1803.01814
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import re
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
 from numbers import Number
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +28,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["scale_invariant_parameters"]
+__all__ = ["RULES", "Call", "Outcome", "Scaled", "ScaleInvarianceTrace", "TAINT", "scale_invariant_parameters"]
 
 
-@dataclass(frozen=True)
-class _Scaled:
+@dataclasses.dataclass(frozen=True)
+class Scaled:
     """How a tensor depends on the per-channel scale ``c`` of one weight.
 
     ``kind == "hom"``: the tensor becomes ``c[key(j)] * t`` along dimension ``dim`` (index ``j``).
@@ -44,78 +47,334 @@ class _Scaled:
     key: Hashable
 
 
-# The weight's influence on the tensor is anything else: the weight is not scale-invariant if it reaches an output.
-_TAINT = "taint"
+TAINT = "taint"
+"""The weight's influence on the tensor is anything else: the weight is not scale-invariant if it reaches an output."""
 _IDENTITY = "identity"
 
-Entry = _Scaled | str
+Entry = Scaled | str
 Tag = dict[int, Entry]
-
-# Elementwise and positively homogeneous of degree 1 (f(c·x) = c·f(x) for c > 0); a constant shift does not pass.
-_HOMOGENEOUS_UNARY = frozenset(
-    {
-        "relu", "relu_", "leaky_relu", "leaky_relu_", "rrelu", "rrelu_", "prelu",
-        "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "feature_dropout_",
-    }
-)
-# Value-preserving: both a scaling and a constant shift pass unchanged.
-_IDENTITY_LIKE = frozenset(
-    {
-        "clone", "contiguous", "detach", "detach_", "to", "float", "double", "half", "bfloat16", "cpu", "cuda",
-        "requires_grad_", "positive", "neg", "negative", "__neg__", "__pos__",
-    }
-)
-_ADD = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__isub__",
-                  "subtract", "__rsub__", "rsub"})
-_MUL = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"})
-_DIV = frozenset({"div", "div_", "divide", "true_divide", "__truediv__", "__itruediv__", "__div__", "__idiv__"})
-_REDUCE = frozenset({"sum", "mean", "nansum", "nanmean", "amax", "amin", "max", "min"})
-# Channel-wise linear or max-like maps over the trailing spatial dimensions, whose number ends the name.
-_POOL = frozenset(
-    f"{op}{k}d{suffix}"
-    for op in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool", "fractional_max_pool")
-    for k in (1, 2, 3)
-    for suffix in ("", "_with_indices")
-)
-_INTERPOLATE = frozenset({"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"})
-# Ops that only move, select or repeat elements: where each channel goes is found by running them on a probe.
-_STRUCTURAL = frozenset(
-    {
-        "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
-        "unsqueeze_", "expand", "expand_as", "broadcast_to", "permute", "transpose", "transpose_", "swapaxes",
-        "swapdims", "movedim", "moveaxis", "t", "t_", "__getitem__", "narrow", "select", "index_select", "chunk",
-        "split", "tensor_split", "split_with_sizes", "unbind", "flip", "fliplr", "flipud", "roll", "repeat",
-        "tile", "unfold", "pad", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
-    }
-)
-# Second tensor argument read for its shape only.
-_SHAPE_ONLY_OTHER = frozenset({"view_as", "reshape_as", "expand_as"})
-_CONV = frozenset({"conv1d", "conv2d", "conv3d"})
-_CAT = frozenset({"cat", "concat", "concatenate"})
-# Turning a value into Python lets it steer control flow, which this analysis cannot follow.
-_ESCAPE = frozenset({"__bool__", "__float__", "__int__", "__index__", "__complex__", "item", "tolist", "numpy",
-                     "__array__"})
+"""``{id(weight): Entry}`` for each weight a tensor depends on."""
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
+class Call(NamedTuple):
+    """One torch function call as a rule sees it: the function, its arguments, its inputs' tags, its outputs."""
+
+    func: Callable
+    name: str
+    args: tuple
+    kwargs: dict
+    tag: Callable[[Any], Tag]
+    outs: list[Tensor]
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        return self.args[index] if len(self.args) > index else self.kwargs.get(name, default)
+
+
+class Outcome(NamedTuple):
+    """What a rule returns: one tag per output tensor, and the weights the call used as a layer's weight or
+    normalised by batch statistics."""
+
+    tags: list[Tag]
+    used_as_weight: frozenset[int] = frozenset()
+    normalized: frozenset[int] = frozenset()
+
+
+Rule = Callable[[Call], Outcome]
 
 
 def _tensors(tree: Any) -> list[Tensor]:
     return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
-class _ScaleTracer(TorchFunctionMode):
-    """Runs a forward pass and tags every tensor with how it depends on each weight's per-channel scale.
+def _taint(tags: list[Tag]) -> Tag:
+    return {w: TAINT for tag in tags for w in tag}
 
-    Every parameter with two or more dimensions (all convolution and linear weights) starts tagged with a scaling
-    of its own dimension 0. Each torch function called during the forward maps its inputs' tags to its outputs'
-    by a rule (the ``_rule_*`` methods); a function without a rule marks its outputs as depending on every weight
-    its inputs depend on in an unknown way, which keeps the analysis sound: it may miss an invariant weight, never
-    report one that is not. Batch-norm modules are handled as a whole by module hooks (:meth:`enter_batch_norm`,
-    :meth:`exit_batch_norm`), so that any implementation of the normalisation (ours or torch's) is recognised.
+
+def _merge(*tags: Tag) -> Tag:
+    # The same weight reaching one tensor by two routes is a product or sum of its scalings: unknown.
+    out: Tag = {}
+    for tag in tags:
+        for w, e in tag.items():
+            out[w] = TAINT if w in out else e
+    return out
+
+
+def _hom(e: Entry) -> bool:
+    return isinstance(e, Scaled) and e.kind == "hom"
+
+
+def _first_and_rest(call: Call) -> tuple[Any, Tag, Tag]:
+    first = call.arg(0, "input")
+    rest = _tensors((call.args[1:], {k: v for k, v in call.kwargs.items() if k != "input"}))
+    return first, call.tag(first), _taint([call.tag(t) for t in rest])
+
+
+def _every(call: Call, tag: Tag, indices_after_first: bool = False) -> Outcome:
+    # Indices (an argmax) do not change when a channel is scaled by c > 0 or shifted by a constant.
+    index_tag = {w: e for w, e in tag.items() if e == TAINT}
+    return Outcome([index_tag if indices_after_first and i else tag for i in range(len(call.outs))])
+
+
+def _out_ndim(call: Call) -> int:
+    return call.outs[0].dim() if call.outs else 0
+
+
+def _per_channel_constant(x: Any, dim: int, out_ndim: int) -> bool:
+    """Whether ``x``, broadcast to the output, is constant along every dimension except ``dim``."""
+    if isinstance(x, Number):
+        return True
+    if not isinstance(x, Tensor):
+        return False
+    shape = (1,) * (out_ndim - x.dim()) + tuple(x.shape)
+    return all(size == 1 for i, size in enumerate(shape) if i - out_ndim != dim)
+
+
+def normalize(tag: Tag, ndim: int, batch_stats: bool) -> tuple[Tag, frozenset[int]]:
+    """A batch norm's output tag from its input's, and the weights it normalises.
+
+    Batch statistics are taken per channel (dimension 1) over all other dimensions, so a per-channel factor and a
+    per-channel constant both cancel (exactly, up to the eps added to the variance).
+    """
+    done = {w for w, e in tag.items() if batch_stats and isinstance(e, Scaled) and ndim >= 2 and e.dim + ndim == 1}
+    return {w: TAINT for w in tag if w not in done}, frozenset(done)
+
+
+# -- the rules: each a pure function of one call --------------------------------------------------------------
+
+
+def rule_generic(call: Call) -> Outcome:
+    """Any function without a rule: its outputs depend on its inputs' weights in an unknown way."""
+    return _every(call, _taint([call.tag(t) for t in _tensors((call.args, call.kwargs))]))
+
+
+def rule_homogeneous(call: Call) -> Outcome:
+    """Elementwise and positively homogeneous of degree 1, ``f(c·x) = c·f(x)``: a constant shift does not pass."""
+    _, first, rest = _first_and_rest(call)
+    return _every(call, _merge({w: e if _hom(e) else TAINT for w, e in first.items()}, rest))
+
+
+def rule_identity(call: Call) -> Outcome:
+    """Value-preserving: a scaling and a constant shift both pass unchanged."""
+    _, first, rest = _first_and_rest(call)
+    return _every(call, _merge(first, rest))
+
+
+def rule_add(call: Call) -> Outcome:
+    """A sum passes a scaling of both terms by the same channels, or of one term plus a per-channel constant."""
+    a, b = call.arg(0, "input"), call.arg(1, "other")
+    ta, tb = call.tag(a), call.tag(b)
+    tag: Tag = {}
+    for w in set(ta) | set(tb):
+        ea, eb = ta.get(w), tb.get(w)
+        if TAINT in (ea, eb):
+            tag[w] = TAINT
+        elif ea is not None and eb is not None:
+            kind = "aff" if "aff" in (ea.kind, eb.kind) else "hom"
+            tag[w] = Scaled(kind, ea.dim, ea.key) if (ea.dim, ea.key) == (eb.dim, eb.key) else TAINT
+        else:
+            e, other = (ea, b) if ea is not None else (eb, a)
+            constant = _per_channel_constant(other, e.dim, _out_ndim(call))
+            tag[w] = Scaled("aff", e.dim, e.key) if constant else TAINT
+    return _every(call, tag)
+
+
+def rule_mul(call: Call, divide: bool = False) -> Outcome:
+    """A product by a factor independent of the weight passes a scaling; a quotient passes its numerator's."""
+    a, b = call.arg(0, "input"), call.arg(1, "other")
+    ta, tb = call.tag(a), call.tag(b)
+    rounded = divide and call.kwargs.get("rounding_mode") is not None
+    tag: Tag = {}
+    for w in set(ta) | set(tb):
+        ea, eb, other = ta.get(w), tb.get(w), b
+        if not divide and ea is None:
+            ea, eb, other = eb, ea, a
+        ok = not rounded and isinstance(ea, Scaled) and eb is None
+        tag[w] = ea if ok and (ea.kind == "hom" or _per_channel_constant(other, ea.dim, _out_ndim(call))) else TAINT
+    return _every(call, tag)
+
+
+def rule_reduce(call: Call) -> Outcome:
+    """A sum, mean, max or min over dimensions other than the scaled one keeps the scaling."""
+    source, first, rest = _first_and_rest(call)
+    dims = call.arg(1, "dim", call.kwargs.get("axis"))
+    if isinstance(dims, Tensor) or dims is None:
+        # No dimension (a reduction over everything) or an elementwise max/min against another tensor.
+        return rule_generic(call)
+    ndim, out_ndim = source.dim(), _out_ndim(call)
+    reduced = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)} if ndim else set()
+    keepdim = bool(call.arg(2, "keepdim", False))
+    tag: Tag = {}
+    for w, e in first.items():
+        position = e.dim + ndim if isinstance(e, Scaled) else None
+        if position is None or position in reduced:
+            tag[w] = TAINT
+        else:
+            new = position if keepdim else position - sum(1 for d in reduced if d < position)
+            tag[w] = Scaled(e.kind, new - out_ndim, e.key)
+    return _every(call, _merge(tag, rest), indices_after_first=True)
+
+
+def rule_pool(call: Call) -> Outcome:
+    """Channel-wise linear or max-like maps over the trailing spatial dimensions pass a scaling."""
+    source, first, rest = _first_and_rest(call)
+    found = re.search(r"(\d)d", call.name)
+    spatial = int(found.group(1)) if found else source.dim() - 2
+    tag = {w: e if _hom(e) and e.dim < -spatial else TAINT for w, e in first.items()}
+    return _every(call, _merge(tag, rest), indices_after_first=True)
+
+
+def rule_structural(call: Call, shape_only_other: bool = False) -> Outcome:
+    """Ops that only move, select or repeat elements: where each channel goes is found by running them on a probe."""
+    source = call.arg(0, "input")
+    rest = [] if shape_only_other else _tensors((call.args[1:], call.kwargs))
+    rest_tag = _taint([call.tag(t) for t in rest])
+    nonzero_pad = call.name == "pad" and call.arg(3, "value", None) not in (None, 0, 0.0)
+    tags: list[Tag] = [{} for _ in call.outs]
+    for w, e in call.tag(source).items():
+        mapped = _probe(call, source, e) if isinstance(e, Scaled) and not nonzero_pad else None
+        for i, tag in enumerate(tags):
+            tag[w] = mapped[i] if mapped is not None and len(mapped) == len(tags) else TAINT
+    return Outcome([_merge(tag, rest_tag) for tag in tags])
+
+
+def _probe(call: Call, source: Tensor, e: Scaled) -> list[Entry] | None:
+    """Runs the function on a tensor holding each element's channel number (1-based) to see where channels go."""
+    position, n = e.dim + source.dim(), source.shape[e.dim]
+    shape = [1] * source.dim()
+    shape[position] = n
+    probe = torch.arange(1, n + 1, dtype=torch.float64, device=source.device).view(shape)
+    probe = probe.expand(source.shape).contiguous()
+    try:
+        if call.args:
+            result = call.func(probe, *call.args[1:], **call.kwargs)
+        else:
+            result = call.func(**{**call.kwargs, "input": probe})
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None
+    return [_read_probe(q, n, e) for q in _tensors(result)]
+
+
+def _read_probe(q: Tensor, n: int, e: Scaled) -> Entry:
+    if q.dim() == 0 or q.numel() == 0 or not bool(((q == q.round()) & (q >= 0) & (q <= n)).all()):
+        return TAINT
+    # Zeros are padding: fine for a scaling (0·c = 0), not for a constant shift.
+    if e.kind == "aff" and bool((q == 0).any()):
+        return TAINT
+    for d in range(q.dim()):
+        if q.shape[d] == 1:
+            continue
+        columns = q.movedim(d, 0).reshape(q.shape[d], -1)
+        if not bool((columns == columns[:, :1]).all()):
+            continue
+        index = tuple(int(v) for v in columns[:, 0].tolist())
+        if len(set(index)) == 1:
+            # One channel spread over the tensor: a uniform factor, which no per-channel rule follows.
+            return TAINT
+        return Scaled(e.kind, d - q.dim(), e.key if index == tuple(range(1, n + 1)) else (e.key, index))
+    return TAINT
+
+
+def rule_layer(call: Call, linear: bool = False) -> Outcome:
+    """``conv{1,2,3}d`` and ``linear`` turn a scaling of their weight's dimension 0 into one of the output's
+    channel dimension (with a bias: plus a per-channel constant)."""
+    source, weight, bias = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
+    kind = "hom" if bias is None else "aff"
+    channel = -1 if linear else 1 - weight.dim()
+    used = {w for w, e in call.tag(weight).items()
+            if _hom(e) and e.dim == -weight.dim() and (weight.dim() == 2 or not linear)}
+    from_weight = {w: Scaled(kind, channel, e.key) if w in used else TAINT for w, e in call.tag(weight).items()}
+    if linear:
+        # Dimensions other than the last one (the features) pass through a linear map unchanged.
+        passes = lambda e: e.dim != -1  # noqa: E731
+    else:
+        # A depthwise convolution maps input channel j to output channel j alone, so it passes a scaling on.
+        groups = call.arg(6, "groups", 1)
+        depthwise = isinstance(groups, int) and groups == source.shape[channel] == weight.shape[0]
+        passes = lambda e: depthwise and e.dim == channel  # noqa: E731
+    from_input = {w: Scaled(kind, e.dim, e.key) if _hom(e) and passes(e) else TAINT
+                  for w, e in call.tag(source).items()}
+    bias_tag = _taint([call.tag(bias)]) if bias is not None else {}
+    return Outcome(_every(call, _merge(from_weight, from_input, bias_tag)).tags, used_as_weight=frozenset(used))
+
+
+def rule_cat(call: Call) -> Outcome:
+    """Concatenation along the scaled dimension maps positions to channels anew; along another keeps a scaling
+    shared by every piece."""
+    pieces = list(call.arg(0, "tensors", ()))
+    if not call.outs or not all(isinstance(p, Tensor) for p in pieces):
+        return rule_generic(call)
+    out_ndim = _out_ndim(call)
+    cat_dim = call.arg(1, "dim", call.kwargs.get("axis", 0)) % out_ndim - out_ndim
+    piece_tags = [call.tag(p) for p in pieces]
+    tag: Tag = {}
+    for w in {w for t in piece_tags for w in t}:
+        entries = [t.get(w) for t in piece_tags]
+        scaled = [e for e in entries if e is not None]
+        if TAINT in scaled or len({e.dim for e in scaled}) != 1:
+            tag[w] = TAINT
+        elif scaled[0].dim == cat_dim:
+            # Untouched pieces have factor 1: recorded in the key as None.
+            kind = "aff" if any(e.kind == "aff" for e in scaled) else "hom"
+            key = tuple((e.key if e is not None else None, p.shape[cat_dim]) for e, p in zip(entries, pieces))
+            tag[w] = Scaled(kind, cat_dim, key)
+        else:
+            tag[w] = scaled[0] if None not in entries and len(set(entries)) == 1 and _hom(scaled[0]) else TAINT
+    return _every(call, tag)
+
+
+def rule_batch_norm(call: Call) -> Outcome:
+    """``torch.nn.functional.batch_norm``: with batch statistics, removes a scaling and a constant of dimension 1."""
+    source = call.arg(0, "input")
+    running = (call.arg(1, "running_mean"), call.arg(2, "running_var"))
+    batch_stats = bool(call.arg(5, "training", False)) or running == (None, None)
+    tag, done = normalize(call.tag(source), source.dim(), batch_stats)
+    others = [call.tag(t) for t in _tensors((call.args[1:], call.kwargs)) if t is not source]
+    return Outcome(_every(call, _merge(tag, _taint(others))).tags, normalized=done)
+
+
+def _table(*groups: tuple[Rule, str]) -> dict[str, Rule]:
+    return {name: rule for rule, names in groups for name in names.split()}
+
+
+RULES: dict[str, Rule] = _table(
+    (rule_homogeneous, "relu relu_ leaky_relu leaky_relu_ rrelu rrelu_ prelu dropout dropout_ dropout1d dropout2d "
+                       "dropout3d feature_dropout feature_dropout_"),
+    (rule_identity, "clone contiguous detach detach_ to float double half bfloat16 cpu cuda requires_grad_ positive "
+                    "neg negative __neg__ __pos__"),
+    (rule_add, "add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __isub__ subtract __rsub__ rsub"),
+    (rule_mul, "mul mul_ __mul__ __rmul__ __imul__ multiply"),
+    (functools.partial(rule_mul, divide=True),
+     "div div_ divide true_divide __truediv__ __itruediv__ __div__ __idiv__"),
+    (rule_reduce, "sum mean nansum nanmean amax amin max min"),
+    (rule_pool, " ".join(f"{op}{k}d{suffix}" for op in ("max_pool", "avg_pool", "adaptive_avg_pool",
+                                                         "adaptive_max_pool", "lp_pool", "fractional_max_pool")
+                         for k in (1, 2, 3) for suffix in ("", "_with_indices"))),
+    (rule_pool, "interpolate upsample upsample_nearest upsample_bilinear"),
+    (rule_structural, "view reshape flatten unflatten squeeze squeeze_ unsqueeze unsqueeze_ expand broadcast_to "
+                      "permute transpose transpose_ swapaxes swapdims movedim moveaxis t t_ __getitem__ narrow "
+                      "select index_select chunk split tensor_split split_with_sizes unbind flip fliplr flipud roll "
+                      "repeat tile unfold pad pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle"),
+    # The second tensor is read for its shape only.
+    (functools.partial(rule_structural, shape_only_other=True), "view_as reshape_as expand_as"),
+    (rule_layer, "conv1d conv2d conv3d"),
+    (functools.partial(rule_layer, linear=True), "linear"),
+    (rule_cat, "cat concat concatenate"),
+    (rule_batch_norm, "batch_norm"),
+)
+"""The rule of each torch function, by name; functions not listed follow :func:`rule_generic`."""
+
+# Turning a value into Python lets it steer control flow, which this analysis cannot follow.
+_ESCAPE = frozenset("__bool__ __float__ __int__ __index__ __complex__ item tolist numpy __array__".split())
+
+
+class _ScaleTracer(TorchFunctionMode):
+    """Tags every tensor with how it depends on each weight's per-channel scale, by the rules of :data:`RULES`.
+
+    Every parameter with two or more dimensions starts tagged with a scaling of its own dimension 0. A function
+    without a rule marks its outputs as depending on every weight its inputs depend on in an unknown way, which
+    keeps the analysis sound: it may miss an invariant weight, never report one that is not. Batch-norm modules are
+    handled as a whole by module hooks (:meth:`enter_batch_norm`, :meth:`exit_batch_norm`), so that any
+    implementation of the normalisation (ours or torch's) is recognised.
     """
 
     def __init__(self, parameters: list[nn.Parameter]) -> None:
@@ -128,26 +387,19 @@ class _ScaleTracer(TorchFunctionMode):
         self._bn_input_tags: list[Tag] = []
         for p in parameters:
             if p.dim() >= 2:
-                self.tags[p] = {id(p): _Scaled("hom", -p.dim(), _IDENTITY)}
+                self.tags[p] = {id(p): Scaled("hom", -p.dim(), _IDENTITY)}
 
     def tag(self, t: Any) -> Tag:
-        if isinstance(t, Tensor):
-            return self.tags.get(t, {})
-        return {}
+        return self.tags.get(t, {}) if isinstance(t, Tensor) else {}
 
-    def _set(self, t: Tensor, tag: Tag, *, index_like: bool = False) -> None:
-        if index_like:
-            # Indices (an argmax) do not change when a channel is scaled by c > 0 or shifted by a constant.
-            tag = {w: e for w, e in tag.items() if e == _TAINT}
-        elif not (t.is_floating_point() or t.is_complex()):
+    def _set(self, t: Tensor, tag: Tag) -> None:
+        if not (t.is_floating_point() or t.is_complex()):
             # A conversion to integers rounds, which does not commute with a scaling.
-            tag = {w: _TAINT for w in tag}
+            tag = {w: TAINT for w in tag}
         if tag:
             self.tags[t] = tag
         elif t in self.tags:
             del self.tags[t]
-
-    # -- batch norm modules -------------------------------------------------------------------------------------
 
     def enter_batch_norm(self, module: nn.Module, args: tuple) -> None:
         if self._bn_depth == 0:
@@ -158,77 +410,40 @@ class _ScaleTracer(TorchFunctionMode):
         self._bn_depth -= 1
         if self._bn_depth > 0:
             return
-        in_tag = self._bn_input_tags.pop()
         batch_stats = module.training or (module.running_mean is None and module.running_var is None)
         ndim = args[0].dim() if args and isinstance(args[0], Tensor) else 0
-        out_tag = self._normalize(in_tag, ndim, batch_stats)
+        tag, done = normalize(self._bn_input_tags.pop(), ndim, batch_stats)
+        self.normalized |= done
         for t in _tensors(output):
-            self._set(t, out_tag)
-
-    def _normalize(self, in_tag: Tag, ndim: int, batch_stats: bool) -> Tag:
-        # Batch statistics are taken per channel (dimension 1) over all other dimensions, so a per-channel factor
-        # and a per-channel constant both cancel (exactly, up to the eps added to the variance).
-        out: Tag = {}
-        for w, e in in_tag.items():
-            if batch_stats and isinstance(e, _Scaled) and ndim >= 2 and e.dim + ndim == 1:
-                self.normalized.add(w)
-            else:
-                out[w] = _TAINT
-        return out
-
-    # -- the mode -----------------------------------------------------------------------------------------------
+            self._set(t, tag)
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if self._bn_depth > 0:
             return func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
         inputs = _tensors((args, kwargs))
         tagged = any(t in self.tags for t in inputs)
         out = func(*args, **kwargs)
         if not tagged:
             return out
+        name = getattr(func, "__name__", "")
         if name in _ESCAPE:
             for t in inputs:
                 self.escaped.update(self.tag(t))
             return out
-        rule = self._rule_for(name)
-        rule(func, name, args, kwargs, out)
-        mutated = [t for t in _tensors(out) if any(t is i for i in inputs)]
+        outs = _tensors(out)
+        outcome = RULES.get(name, rule_generic)(Call(func, name, args, kwargs, self.tag, outs))
+        for t, tag in zip(outs, outcome.tags):
+            self._set(t, tag)
+        self.used_as_weight |= outcome.used_as_weight
+        self.normalized |= outcome.normalized
+        mutated = [t for t in outs if any(t is i for i in inputs)]
         if name == "__setitem__" and args:
             mutated = [args[0]]
-            self._set(args[0], self._union_taint(inputs))
+            self._set(args[0], _taint([self.tag(t) for t in inputs]))
         for t in mutated:
             self._propagate_to_aliases(t)
         return out
-
-    def _rule_for(self, name: str) -> Callable[..., None]:
-        if name in _HOMOGENEOUS_UNARY:
-            return self._rule_homogeneous_unary
-        if name in _IDENTITY_LIKE:
-            return self._rule_identity_like
-        if name in _ADD:
-            return self._rule_add
-        if name in _MUL or name in _DIV:
-            return self._rule_mul_div
-        if name in _REDUCE:
-            return self._rule_reduce
-        if name in _POOL or name in _INTERPOLATE:
-            return self._rule_pool
-        if name in _STRUCTURAL:
-            return self._rule_structural
-        if name in _CONV:
-            return self._rule_conv
-        if name == "linear":
-            return self._rule_linear
-        if name in _CAT:
-            return self._rule_cat
-        if name == "batch_norm":
-            return self._rule_functional_batch_norm
-        return self._rule_generic
-
-    def _union_taint(self, tensors: list[Tensor]) -> Tag:
-        return {w: _TAINT for t in tensors for w in self.tag(t)}
 
     def _propagate_to_aliases(self, mutated: Tensor) -> None:
         # An in-place write changes every tensor that shares the storage; a tensor whose tag no longer matches
@@ -244,293 +459,148 @@ class _ScaleTracer(TorchFunctionMode):
         for other, other_tag in list(self.tags.items()):
             if other is mutated or other.untyped_storage().data_ptr() != ptr:
                 continue
-            merged = {w: other_tag.get(w) if other_tag.get(w) == new.get(w) else _TAINT
-                      for w in set(other_tag) | set(new)}
-            self._set(other, merged)
-
-    # -- rules: each sets the tags of ``out`` from those of the inputs ------------------------------------------
-
-    def _rule_generic(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        tag = self._union_taint(_tensors((args, kwargs)))
-        for t in _tensors(out):
-            self._set(t, tag)
-
-    def _first_and_rest(self, args: tuple, kwargs: dict) -> tuple[Tag, Tag]:
-        first = args[0] if args else kwargs.get("input")
-        rest = _tensors((args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "input"}))
-        return self.tag(first), self._union_taint(rest)
-
-    @staticmethod
-    def _merge(*tags: Tag) -> Tag:
-        # The same weight reaching one tensor by two routes is a product or sum of its scalings: unknown.
-        out: Tag = {}
-        for tag in tags:
-            for w, e in tag.items():
-                out[w] = _TAINT if w in out else e
-        return out
-
-    def _rule_homogeneous_unary(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        first, rest = self._first_and_rest(args, kwargs)
-        tag = {w: e if isinstance(e, _Scaled) and e.kind == "hom" else _TAINT for w, e in first.items()}
-        for t in _tensors(out):
-            self._set(t, self._merge(tag, rest))
-
-    def _rule_identity_like(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        first, rest = self._first_and_rest(args, kwargs)
-        for t in _tensors(out):
-            self._set(t, self._merge(first, rest))
-
-    @staticmethod
-    def _per_channel_constant(x: Any, dim: int, out_ndim: int) -> bool:
-        """Whether ``x``, broadcast to the output, is constant along every dimension except ``dim``."""
-        if isinstance(x, Number):
-            return True
-        if not isinstance(x, Tensor):
-            return False
-        shape = (1,) * (out_ndim - x.dim()) + tuple(x.shape)
-        return all(size == 1 for i, size in enumerate(shape) if i - out_ndim != dim)
-
-    def _rule_add(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        a = args[0] if args else kwargs.get("input")
-        b = args[1] if len(args) > 1 else kwargs.get("other")
-        ta, tb = self.tag(a), self.tag(b)
-        outs = _tensors(out)
-        out_ndim = outs[0].dim() if outs else 0
-        tag: Tag = {}
-        for w in set(ta) | set(tb):
-            ea, eb = ta.get(w), tb.get(w)
-            if ea == _TAINT or eb == _TAINT:
-                tag[w] = _TAINT
-            elif ea is not None and eb is not None:
-                same = ea.dim == eb.dim and ea.key == eb.key
-                kind = "aff" if "aff" in (ea.kind, eb.kind) else "hom"
-                tag[w] = _Scaled(kind, ea.dim, ea.key) if same else _TAINT
-            else:
-                e, other = (ea, b) if ea is not None else (eb, a)
-                constant = self._per_channel_constant(other, e.dim, out_ndim)
-                tag[w] = _Scaled("aff", e.dim, e.key) if constant else _TAINT
-        for t in outs:
-            self._set(t, tag)
-
-    def _rule_mul_div(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        a = args[0] if args else kwargs.get("input")
-        b = args[1] if len(args) > 1 else kwargs.get("other")
-        ta, tb = self.tag(a), self.tag(b)
-        outs = _tensors(out)
-        out_ndim = outs[0].dim() if outs else 0
-        is_div = name in _DIV
-        rounded = is_div and kwargs.get("rounding_mode") is not None
-        tag: Tag = {}
-        for w in set(ta) | set(tb):
-            ea, eb = ta.get(w), tb.get(w)
-            # A product is symmetric; a quotient passes a scaling of its numerator only.
-            if not is_div and ea is None:
-                ea, eb, other = eb, ea, a
-            else:
-                other = b
-            if rounded or ea is None or ea == _TAINT or eb is not None:
-                tag[w] = _TAINT
-            elif ea.kind == "hom" or self._per_channel_constant(other, ea.dim, out_ndim):
-                tag[w] = ea
-            else:
-                tag[w] = _TAINT
-        for t in outs:
-            self._set(t, tag)
-
-    def _rule_reduce(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        first, rest = self._first_and_rest(args, kwargs)
-        source = args[0] if args else kwargs.get("input")
-        dims = _arg(args, kwargs, 1, "dim", kwargs.get("axis"))
-        keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
-        ndim = source.dim()
-        if isinstance(dims, Tensor) or dims is None:
-            # No dimension (a reduction over everything) or an elementwise max/min against another tensor.
-            return self._rule_generic(func, name, args, kwargs, out)
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        reduced = {d % ndim for d in dims} if ndim else set()
-        outs = _tensors(out)
-        out_ndim = outs[0].dim() if outs else 0
-        tag: Tag = {}
-        for w, e in first.items():
-            position = e.dim + ndim if isinstance(e, _Scaled) else None
-            if position is None or position in reduced:
-                tag[w] = _TAINT
-                continue
-            new_position = position if keepdim else position - sum(1 for d in reduced if d < position)
-            tag[w] = _Scaled(e.kind, new_position - out_ndim, e.key)
-        tag = self._merge(tag, rest)
-        for i, t in enumerate(outs):
-            self._set(t, tag, index_like=i > 0)
-
-    def _rule_pool(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        first, rest = self._first_and_rest(args, kwargs)
-        source = args[0] if args else kwargs.get("input")
-        spatial = int(re.search(r"(\d)d", name).group(1)) if name in _POOL else source.dim() - 2
-        tag = {w: e if isinstance(e, _Scaled) and e.kind == "hom" and e.dim < -spatial else _TAINT
-               for w, e in first.items()}
-        tag = self._merge(tag, rest)
-        for i, t in enumerate(_tensors(out)):
-            self._set(t, tag, index_like=i > 0)
-
-    def _rule_structural(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        source = args[0] if args else kwargs.get("input")
-        first = self.tag(source)
-        rest_tensors = [] if name in _SHAPE_ONLY_OTHER else _tensors((args[1:], kwargs))
-        rest = self._union_taint(rest_tensors)
-        outs = _tensors(out)
-        tags: list[Tag] = [{} for _ in outs]
-        padded_with_nonzero = name == "pad" and _arg(args, kwargs, 3, "value", None) not in (None, 0, 0.0)
-        for w, e in first.items():
-            mapped = None
-            if isinstance(e, _Scaled) and not padded_with_nonzero:
-                mapped = self._probe(func, args, kwargs, source, e)
-            for i in range(len(outs)):
-                tags[i][w] = mapped[i] if mapped is not None and len(mapped) == len(outs) else _TAINT
-        for t, tag in zip(outs, tags):
-            self._set(t, self._merge(tag, rest))
-
-    @staticmethod
-    def _probe(func: Callable, args: tuple, kwargs: dict, source: Tensor, e: _Scaled) -> list[Entry] | None:
-        """Runs ``func`` on a tensor holding each element's channel number (1-based) to see where channels go."""
-        ndim = source.dim()
-        position = e.dim + ndim
-        n = source.shape[position]
-        view_shape = [1] * ndim
-        view_shape[position] = n
-        probe = torch.arange(1, n + 1, dtype=torch.float64, device=source.device).view(view_shape)
-        probe = probe.expand(source.shape).contiguous()
-        try:
-            if args:
-                result = func(probe, *args[1:], **kwargs)
-            else:
-                result = func(**{**kwargs, "input": probe})
-        except (RuntimeError, TypeError, ValueError, IndexError):
-            return None
-        entries: list[Entry] = []
-        for q in _tensors(result):
-            entries.append(_ScaleTracer._read_probe(q, n, e))
-        return entries
-
-    @staticmethod
-    def _read_probe(q: Tensor, n: int, e: _Scaled) -> Entry:
-        if q.dim() == 0 or q.numel() == 0:
-            return _TAINT
-        if not bool(((q == q.round()) & (q >= 0) & (q <= n)).all()):
-            return _TAINT
-        # Zeros are padding: fine for a scaling (0·c = 0), not for a constant shift.
-        if e.kind == "aff" and bool((q == 0).any()):
-            return _TAINT
-        for d in range(q.dim()):
-            if q.shape[d] == 1:
-                continue
-            columns = q.movedim(d, 0).reshape(q.shape[d], -1)
-            if not bool((columns == columns[:, :1]).all()):
-                continue
-            index = tuple(int(v) for v in columns[:, 0].tolist())
-            if len(set(index)) == 1:
-                # One channel spread over the tensor: a uniform factor, which no per-channel rule follows.
-                return _TAINT
-            key = e.key if index == tuple(range(1, n + 1)) else (e.key, index)
-            return _Scaled(e.kind, d - q.dim(), key)
-        return _TAINT
-
-    def _rule_conv(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        source = _arg(args, kwargs, 0, "input")
-        weight = _arg(args, kwargs, 1, "weight")
-        bias = _arg(args, kwargs, 2, "bias")
-        groups = _arg(args, kwargs, 6, "groups", 1)
-        channel_dim = 1 - weight.dim()
-        kind = "hom" if bias is None else "aff"
-        from_weight: Tag = {}
-        for w, e in self.tag(weight).items():
-            if isinstance(e, _Scaled) and e.kind == "hom" and e.dim == -weight.dim():
-                from_weight[w] = _Scaled(kind, channel_dim, e.key)
-                self.used_as_weight.add(w)
-            else:
-                from_weight[w] = _TAINT
-        # A depthwise convolution maps input channel j to output channel j alone, so it passes a scaling on.
-        depthwise = isinstance(groups, int) and groups == source.shape[channel_dim] == weight.shape[0]
-        from_input = {w: _Scaled(kind, channel_dim, e.key)
-                      if depthwise and isinstance(e, _Scaled) and e.kind == "hom" and e.dim == channel_dim
-                      else _TAINT
-                      for w, e in self.tag(source).items()}
-        tag = self._merge(from_weight, from_input, self._union_taint([bias] if bias is not None else []))
-        for t in _tensors(out):
-            self._set(t, tag)
-
-    def _rule_linear(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        source = _arg(args, kwargs, 0, "input")
-        weight = _arg(args, kwargs, 1, "weight")
-        bias = _arg(args, kwargs, 2, "bias")
-        kind = "hom" if bias is None else "aff"
-        from_weight: Tag = {}
-        for w, e in self.tag(weight).items():
-            if isinstance(e, _Scaled) and e.kind == "hom" and e.dim == -2 and weight.dim() == 2:
-                from_weight[w] = _Scaled(kind, -1, e.key)
-                self.used_as_weight.add(w)
-            else:
-                from_weight[w] = _TAINT
-        # Dimensions other than the last one (the features) pass through a linear map unchanged.
-        from_input = {w: _Scaled(kind, e.dim, e.key)
-                      if isinstance(e, _Scaled) and e.kind == "hom" and e.dim != -1 else _TAINT
-                      for w, e in self.tag(source).items()}
-        tag = self._merge(from_weight, from_input, self._union_taint([bias] if bias is not None else []))
-        for t in _tensors(out):
-            self._set(t, tag)
-
-    def _rule_cat(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        pieces = list(_arg(args, kwargs, 0, "tensors", ()))
-        outs = _tensors(out)
-        if not outs or not all(isinstance(p, Tensor) for p in pieces):
-            return self._rule_generic(func, name, args, kwargs, out)
-        out_ndim = outs[0].dim()
-        cat_dim = _arg(args, kwargs, 1, "dim", kwargs.get("axis", 0)) % out_ndim - out_ndim
-        piece_tags = [self.tag(p) for p in pieces]
-        tag: Tag = {}
-        for w in {w for t in piece_tags for w in t}:
-            entries = [t.get(w) for t in piece_tags]
-            scaled = [e for e in entries if e is not None]
-            if any(e == _TAINT for e in scaled) or len({e.dim for e in scaled}) != 1:
-                tag[w] = _TAINT
-            elif scaled[0].dim == cat_dim:
-                # Along the scaled dimension: a new map of positions to channels; untouched pieces have factor 1.
-                kind = "aff" if any(e.kind == "aff" for e in scaled) else "hom"
-                key = tuple((e.key if e is not None else None, p.shape[cat_dim]) for e, p in zip(entries, pieces))
-                tag[w] = _Scaled(kind, cat_dim, key)
-            elif None not in entries and len(set(entries)) == 1 and scaled[0].kind == "hom":
-                tag[w] = scaled[0]
-            else:
-                tag[w] = _TAINT
-        for t in outs:
-            self._set(t, tag)
-
-    def _rule_functional_batch_norm(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        source = _arg(args, kwargs, 0, "input")
-        running = (_arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var"))
-        training = bool(_arg(args, kwargs, 5, "training", False))
-        batch_stats = training or (running[0] is None and running[1] is None)
-        tag = self._normalize(self.tag(source), source.dim(), batch_stats)
-        others = [t for t in _tensors((args[1:], kwargs)) if t is not source]
-        tag = self._merge(tag, self._union_taint(others))
-        for t in _tensors(out):
-            self._set(t, tag)
+            self._set(other, {w: other_tag.get(w) if other_tag.get(w) == new.get(w) else TAINT
+                              for w in set(other_tag) | set(new)})
 
 
-def _output_tensors(output: Any, depth: int = 0) -> list[Tensor]:
-    """Every tensor in a model's output: containers, dataclasses and other objects' attributes included."""
-    if isinstance(output, Tensor):
-        return [output]
-    if depth > 8:
-        return []
-    if isinstance(output, dict):
-        items = list(output.values())
-    elif isinstance(output, (list, tuple, set, frozenset)):
-        items = list(output)
-    elif hasattr(output, "__dict__"):
-        items = list(vars(output).values())
-    else:
-        return []
-    return [t for item in items for t in _output_tensors(item, depth + 1)]
+# Values that hold no tensor; numpy values come from .numpy(), which the trace already counts as an escape.
+_LEAVES = (type(None), Number, str, bytes, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _output_tensors(output: Any) -> list[Tensor]:
+    """Every tensor in a model's output, or a ``TypeError`` for a container whose contents cannot all be read.
+
+    Read: tensors; dicts and other mappings (Hugging Face's ``ModelOutput`` is an ``OrderedDict`` subclass);
+    lists, tuples (``NamedTuple`` included) and sets; dataclasses, with or without ``slots`` (every field is read,
+    and the instance's ``__dict__`` when it has one); numbers, strings and ``None``, which hold no tensor. Anything
+    else could carry a weight where this function does not look, so it is refused rather than skipped.
+    """
+    found: list[Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(output, "output")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, Tensor):
+            found.append(item)
+            continue
+        if isinstance(item, _LEAVES) or type(item).__module__ == "numpy" or id(item) in seen:
+            continue
+        seen.add(id(item))
+        children: list[tuple[Any, str]] = []
+        if isinstance(item, Mapping):
+            children += [(k, f"{path} key") for k in item.keys()]
+            children += [(v, f"{path}[{k!r}]") for k, v in item.items()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children += [(v, f"{path}[{i}]") for i, v in enumerate(item)]
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            children += [(getattr(item, f.name, None), f"{path}.{f.name}") for f in dataclasses.fields(item)]
+            children += [(v, f"{path}.{k}") for k, v in getattr(item, "__dict__", {}).items()]
+        elif not isinstance(item, (Mapping, list, tuple, set, frozenset)):
+            raise TypeError(
+                f"expected the model's output to hold its tensors in tensors, tuples, lists, dicts, NamedTuples, "
+                f"dataclasses or Hugging Face ModelOutputs (got {type(item).__qualname__} at {path}, whose contents "
+                "cannot all be read, so a weight it carries could not be followed); return one of those, or pass "
+                "params= explicitly"
+            )
+        stack.extend(reversed(children))
+    return found
+
+
+class ScaleInvarianceTrace:
+    r"""Follows the per-channel scale of ``model``'s weights through every torch operation run while it is active.
+
+    The engine of :func:`scale_invariant_parameters`, usable on any code: a real training step, for example,
+    traced as it runs (no extra forward, no side effect run twice), its loss then passed to
+    :meth:`invariant_parameters`. It only observes: values, gradients, buffers and the random state are those of
+    the untraced code (each operation that moves elements is run once more, on a small probe tensor, outside
+    autograd). While active, compiled submodules run eagerly (``torch.compiler.set_stance("force_eager")``), so
+    that their operations can be seen. Enter it with ``with`` (or :meth:`start` and :meth:`stop` from two
+    callbacks of one step); the rules and the method are those of :func:`scale_invariant_parameters`.
+
+    Args:
+        model: the module whose parameters are followed.
+
+    Raises:
+        TypeError: if ``model`` is not a :class:`torch.nn.Module` or contains TorchScript modules.
+
+    Example::
+
+        >>> import torch
+        >>> from normdecouple.scale_invariance import ScaleInvarianceTrace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
+        ...                           torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> with ScaleInvarianceTrace(net) as trace:
+        ...     loss = net(torch.randn(6, 4)).square().mean()
+        >>> trace.invariant_parameters(loss)
+        ['0.weight']
+
+    References: arXiv:1803.01814
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected model to be a torch.nn.Module (got {type(model).__name__})")
+        scripted = [name or type(model).__name__ for name, m in model.named_modules()
+                    if isinstance(m, torch.jit.ScriptModule)]
+        if scripted:
+            raise TypeError(
+                f"expected an eager model (got TorchScript modules: {scripted}): the operations inside TorchScript "
+                "cannot be followed; analyse the module before torch.jit.script, or pass params= explicitly"
+            )
+        self.model = model
+        self._named = [(name, p) for name, p in model.named_parameters()
+                       if not isinstance(p, nn.parameter.UninitializedParameter)]
+        self._tracer = _ScaleTracer([p for _, p in self._named])
+        self._stack: contextlib.ExitStack | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the trace is following operations now."""
+        return self._stack is not None
+
+    def start(self) -> None:
+        """Starts following operations (what ``with`` does on entry)."""
+        if self._stack is not None:
+            raise RuntimeError("ScaleInvarianceTrace: expected a trace that is not active (got one already started)")
+        stack = contextlib.ExitStack()
+        for m in self.model.modules():
+            if isinstance(m, _BatchNorm):
+                stack.callback(m.register_forward_pre_hook(self._tracer.enter_batch_norm).remove)
+                stack.callback(m.register_forward_hook(self._tracer.exit_batch_norm).remove)
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is not None:
+            stack.enter_context(set_stance("force_eager"))
+        stack.enter_context(self._tracer)
+        self._stack = stack
+
+    def stop(self) -> None:
+        """Stops following operations (what ``with`` does on exit); harmless when not active."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def __enter__(self) -> ScaleInvarianceTrace:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def invariant_parameters(self, *outputs: Any) -> list[str]:
+        """The names of the parameters scale-invariant for ``outputs``, as :func:`scale_invariant_parameters` says.
+
+        Args:
+            *outputs: what the traced code produced and depends on the weights (the model's output, or the loss).
+
+        Raises:
+            TypeError: if an output holds an object whose contents cannot all be read (see
+                :func:`scale_invariant_parameters`).
+        """
+        tracer = self._tracer
+        reaching = {w for t in _output_tensors(outputs) for w in tracer.tag(t)}
+        return [name for name, p in self._named
+                if id(p) in tracer.used_as_weight and id(p) in tracer.normalized
+                and id(p) not in reaching and id(p) not in tracer.escaped]
 
 
 def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[str]:
@@ -548,7 +618,7 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     act on (PAPER.md §1).
 
     **Method.** One forward pass on the example inputs, in training mode and without gradients, under a
-    :class:`torch.overrides.TorchFunctionMode` that tags every tensor with how it depends on each weight's
+    :class:`ScaleInvarianceTrace` (a :class:`torch.overrides.TorchFunctionMode`) that tags every tensor with how it depends on each weight's
     per-channel scale ``c``: a scaling ``c·t`` along one dimension, a scaling plus a per-channel constant
     ``c·t + b`` (a convolution's bias), or an unknown dependence. Convolutions (``conv1d/2d/3d``) and ``linear``
     turn a scaling of their weight's dimension 0 into a scaling of the output's channel dimension; positively
@@ -562,7 +632,13 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     statistics) removes a scaling and a constant of its channel dimension. Every other operation makes its outputs
     depend on its inputs' weights in an unknown way, and a value read into Python (``.item()``, ``bool``) does the
     same for every weight it depends on. A weight is reported when it is used as the weight of a convolution or
-    linear layer, reaches at least one batch norm, and no output of the model depends on it.
+    linear layer, reaches at least one batch norm, and no output of the model depends on it. Each operation's
+    rule is a pure function of its call, listed by name in :data:`RULES`.
+
+    **Outputs.** Every tensor of the output is followed: tensors in tuples, lists, dicts, ``NamedTuple``\ s,
+    dataclasses (``slots=True`` included) and Hugging Face ``ModelOutput``\ s, nested in any way. An output holding
+    any other object (whose attributes could carry a weight unseen) is refused with a ``TypeError``: a weight that
+    could not be followed is never reported.
 
     The analysis is exact for the operations it has rules for and conservative otherwise: it can miss a
     scale-invariant weight (an unlisted operation in between, a transposed convolution, a weight scaled as a
@@ -586,7 +662,7 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
 
     Raises:
         TypeError: if ``model`` is not a :class:`torch.nn.Module`, contains TorchScript modules (whose operations
-            cannot be followed), or no example input is given.
+            cannot be followed), no example input is given, or the output holds an object it cannot read.
 
     Example::
 
@@ -607,54 +683,20 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
             "expected at least one example input (got none): pass a batch as the model is called, "
             "scale_invariant_parameters(model, batch)"
         )
-    scripted = [name or type(model).__name__ for name, m in model.named_modules()
-                if isinstance(m, torch.jit.ScriptModule)]
-    if scripted:
-        raise TypeError(
-            f"expected an eager model (got TorchScript modules: {scripted}): the operations inside TorchScript "
-            "cannot be followed; analyse the module before torch.jit.script, or pass params= explicitly"
-        )
-    named = [(name, p) for name, p in model.named_parameters()
-             if not isinstance(p, nn.parameter.UninitializedParameter)]
-    tracer = _ScaleTracer([p for _, p in named])
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            handles.append(m.register_forward_pre_hook(tracer.enter_batch_norm))
-            handles.append(m.register_forward_hook(tracer.exit_batch_norm))
-
+    trace = ScaleInvarianceTrace(model)
     training = {m: m.training for m in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({t.device.index or 0 for t in _tensors(example_inputs) + [p for _, p in named] if t.is_cuda})
-    # A compiled model (torch.compile's wrapper) runs its original module eagerly, so that the mode sees each
-    # operation; compiled submodules are made eager by set_stance (torch >= 2.6).
+    devices = sorted({t.device.index or 0 for t in _tensors(example_inputs) + list(model.parameters()) if t.is_cuda})
+    # A compiled model (torch.compile's wrapper) runs its original module, so that the trace sees each operation.
     eager = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
-    set_stance = getattr(torch.compiler, "set_stance", None)
     try:
         model.train()
-        with (
-            torch.random.fork_rng(devices=devices),
-            torch.no_grad(),
-            set_stance("force_eager") if set_stance is not None else contextlib.nullcontext(),
-            tracer,
-        ):
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), trace:
             output = eager(*example_inputs)
     finally:
-        for h in handles:
-            h.remove()
         for m, flag in training.items():
             m.training = flag
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-
-    reaching = {w for t in _output_tensors(output) for w in tracer.tag(t)}
-    return [
-        name
-        for name, p in named
-        if id(p) in tracer.used_as_weight
-        and id(p) in tracer.normalized
-        and id(p) not in reaching
-        and id(p) not in tracer.escaped
-    ]
+    return trace.invariant_parameters(output)

@@ -6,6 +6,10 @@ torch's BatchNorm with eps=1e-300 makes the invariance exact to float64 rounding
 breaks it; at 1e-300 it stays defined and is negligible next to variances of order one).
 """
 
+import collections
+import copy
+import dataclasses
+import typing
 import warnings
 
 import pytest
@@ -15,6 +19,15 @@ from torch.nn import functional as F
 
 import normdecouple as nd
 from normdecouple import scale_invariant_parameters
+from normdecouple.scale_invariance import (
+    RULES,
+    TAINT,
+    Call,
+    Scaled,
+    ScaleInvarianceTrace,
+    rule_add,
+    rule_homogeneous,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -319,3 +332,142 @@ def test_errors():
         scripted = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), torch.jit.script(_bn2d(4)))
     with pytest.raises(TypeError, match="TorchScript"):
         scale_invariant_parameters(scripted, X)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output containers: every tensor read, or a clear refusal; a weight carried raw is never reported
+
+
+@dataclasses.dataclass(slots=True)
+class _SlotsOut:
+    logits: torch.Tensor
+    weight_norm: torch.Tensor
+
+
+@dataclasses.dataclass
+class _PlainOut:
+    logits: torch.Tensor
+    extra: dict
+
+
+class _NamedOut(typing.NamedTuple):
+    logits: torch.Tensor
+    weight_norm: torch.Tensor
+
+
+@dataclasses.dataclass
+class _ModelOutput(collections.OrderedDict):
+    """Hugging Face's ModelOutput pattern (transformers is not installed): a dataclass and an OrderedDict whose
+    keys are the fields that are not None."""
+
+    logits: torch.Tensor = None
+    weight_norm: torch.Tensor = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                self[f.name] = getattr(self, f.name)
+
+
+class _Opaque:
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _Carrier(nn.Module):
+    """conv.weight reaches the output only through the batch norm, unless ``wrap`` also carries it raw."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, bias=False)
+        self.bn = _bn2d(3)
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap(self.bn(self.conv(x)).mean((2, 3)), self.conv.weight.square().sum())
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        _SlotsOut,  # the issue's case: a dataclass(slots=True) has no __dict__
+        _NamedOut,
+        lambda a, b: _PlainOut(a, {"nested": [(b,)]}),
+        lambda a, b: _ModelOutput(logits=a, weight_norm=b),
+        lambda a, b: {"logits": a, "more": {"deep": [[[[[[[[[[b]]]]]]]]]]}},  # deeper than any fixed limit
+    ],
+    ids=["dataclass-slots", "namedtuple", "dataclass-nested", "model-output", "deep-dict"],
+)
+def test_a_weight_carried_raw_in_any_output_container_is_not_reported(wrap):
+    assert scale_invariant_parameters(_Carrier(wrap).to(F64), X.to(F64)) == []
+    # Control: the same container without the raw weight reports it, so the container is really read.
+    assert scale_invariant_parameters(_Carrier(lambda a, b: wrap(a, torch.zeros(()))).to(F64), X.to(F64)) == [
+        "conv.weight"]
+
+
+def test_an_output_that_cannot_be_read_is_refused():
+    with pytest.raises(TypeError, match=r"_Opaque at output\.value|_Opaque at output"):
+        scale_invariant_parameters(_Carrier(lambda a, b: _Opaque(b)), X)
+    with pytest.raises(TypeError, match="params="):
+        scale_invariant_parameters(_Carrier(lambda a, b: (a, iter([b]))), X)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rules alone: pure functions of one call
+
+
+def _call(name, args, kwargs, tags, outs):
+    return Call(func=getattr(torch, name, None), name=name, args=args, kwargs=kwargs,
+                tag=lambda t: tags.get(id(t), {}) if isinstance(t, torch.Tensor) else {}, outs=outs)
+
+
+def test_rules_table_and_add_rule_alone():
+    assert RULES["relu"] is rule_homogeneous and RULES["__add__"] is rule_add and "cosh" not in RULES
+    a, b, out = torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3)
+    scaled = Scaled("hom", -1, "k")
+    # Two terms scaled by the same channels: a scaling; by another key: unknown.
+    assert rule_add(_call("add", (a, b), {}, {id(a): {7: scaled}, id(b): {7: scaled}}, [out])).tags == [{7: scaled}]
+    other = Scaled("hom", -1, "other")
+    assert rule_add(_call("add", (a, b), {}, {id(a): {7: scaled}, id(b): {7: other}}, [out])).tags == [{7: TAINT}]
+    # Plus a per-channel constant (shape (3,) broadcast along dim -1): affine; plus a full tensor: unknown.
+    bias = torch.ones(3)
+    assert rule_add(_call("add", (a, bias), {}, {id(a): {7: scaled}}, [out])).tags == [{7: Scaled("aff", -1, "k")}]
+    assert rule_add(_call("add", (a, b), {}, {id(a): {7: scaled}}, [out])).tags == [{7: TAINT}]
+
+
+def test_layer_and_batch_norm_rules_report_what_they_establish():
+    x, w, out = torch.ones(4, 3, 5, 5), torch.ones(2, 3, 1, 1), torch.ones(4, 2, 5, 5)
+    weight_tag = {9: Scaled("hom", -4, "id")}
+    outcome = RULES["conv2d"](_call("conv2d", (x, w), {}, {id(w): weight_tag}, [out]))
+    assert outcome.tags == [{9: Scaled("hom", -3, "id")}] and outcome.used_as_weight == {9}
+    bn = RULES["batch_norm"](_call("batch_norm", (out, None, None), {"training": True},
+                                    {id(out): outcome.tags[0]}, [torch.ones(4, 2, 5, 5)]))
+    assert bn.tags == [{}] and bn.normalized == {9}
+    # With running statistics in eval mode nothing is normalised.
+    rm, rv = torch.zeros(2), torch.ones(2)
+    bn = RULES["batch_norm"](_call("batch_norm", (out, rm, rv), {"training": False},
+                                    {id(out): outcome.tags[0]}, [torch.ones(4, 2, 5, 5)]))
+    assert bn.tags == [{9: TAINT}] and bn.normalized == frozenset()
+
+
+def test_trace_of_a_real_training_step_has_no_side_effect_of_its_own():
+    # The same step with and without the trace: identical loss, gradients and running statistics.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), _bn2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                          nn.Linear(144, 2)).to(F64)
+    plain = copy.deepcopy(model)
+    x = X.to(F64)
+    torch.manual_seed(3)
+    with ScaleInvarianceTrace(model) as trace:
+        loss = model(x).square().mean()
+    loss.backward()
+    torch.manual_seed(3)
+    plain_loss = plain(x).square().mean()
+    plain_loss.backward()
+    assert trace.invariant_parameters(loss) == ["0.weight"] and not trace.active
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    for b, c in zip(model.buffers(), plain.buffers()):
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
