@@ -91,8 +91,8 @@ _TO_SYNC: dict[type[LpBatchNorm], type[LpBatchNorm]] = {
     SyncLinfBatchNorm: SyncLinfBatchNorm,
 }
 _SYNC_CLASSES = (SyncL1BatchNorm, SyncLinfBatchNorm)
-# Constructor arguments of our layer families: set by the converter from its own arguments, so the source's
-# values are not carried over as extra attributes (a reverted torch layer has no `backend`).
+# Constructor arguments of our layer families: set by the converter from its own arguments, so a source of
+# ours does not carry them over as extra attributes (a reverted torch layer has no `backend`).
 _OWN_ATTRIBUTES = frozenset({"low_precision", "backend", "k", "process_group", "_unsync_class"})
 # The hook dictionaries every nn.Module owns; moved as objects so the user's handles still remove the hooks.
 _HOOK_ATTRIBUTES = tuple(name for name in vars(nn.Module()) if "hook" in name)
@@ -163,7 +163,8 @@ def _transplant(source: _BatchNorm, target: _BatchNorm, stats_dtype: torch.dtype
     Kept as the same objects: the ``Parameter`` objects (optimizers keep them; ``requires_grad``, device and
     dtype with them), the buffers, the hook dictionaries and the ``parametrizations`` ModuleDict. Kept as
     values: ``training`` and every instance attribute of the source that ``target`` lacks (``qconfig``, a
-    subclass's own attributes), except our layers' constructor arguments (:data:`_OWN_ATTRIBUTES`). The
+    subclass's own attributes), except, for a source of ours, our constructor arguments
+    (:data:`_OWN_ATTRIBUTES`); attributes both have (the hyperparameters) are ``target``'s. The
     children are the source's; the caller replaces the converted ones. ``running_mean``/``running_var`` are cast
     to ``stats_dtype`` when given (new tensors; the source keeps its own).
     """
@@ -187,8 +188,9 @@ def _transplant(source: _BatchNorm, target: _BatchNorm, stats_dtype: torch.dtype
     for name in _HOOK_ATTRIBUTES:
         if name in state:
             mine[name] = state[name]
+    skip = _OWN_ATTRIBUTES if isinstance(source, LpBatchNorm) else frozenset()
     for name, value in state.items():
-        if name not in mine and name not in _OWN_ATTRIBUTES:
+        if name not in mine and name not in skip:
             mine[name] = value
     mine["training"] = source.training
     return target
@@ -298,6 +300,20 @@ def _user_class_of(module: nn.Module) -> type | None:
 
 def _torch_base(cls: type) -> type[_BatchNorm]:
     return next(base for base in _TORCH_BASES if issubclass(cls, base))
+
+
+def _shadowed_names(source: _BatchNorm, user_class: type, ours: type[LpBatchNorm]) -> list[str]:
+    """Names our layer relies on that the user's subclass (or instance) also defines: combining the two would
+    let the user's value silently decide our norm or its settings."""
+    ours_names = {"low_precision", "backend", "k"} | {
+        name for cls in ours.__mro__ if cls not in _BatchNorm.__mro__ for name in vars(cls)
+        if not name.startswith("__") and not hasattr(_BatchNorm, name)
+    }
+    user_names = set(vars(source)) | {
+        name for cls in user_class.__mro__ if cls not in _TORCH_BASES and cls not in _BatchNorm.__mro__
+        for name in vars(cls)
+    }
+    return sorted(ours_names & user_names)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -426,6 +442,13 @@ def convert_batchnorm(
                 f"subclass of BatchNorm1d/2d/3d. Pass subclasses='warn' to leave it as it is, or build it on "
                 f"BatchNorm2d (and synchronise with normdecouple.convert_sync_batchnorm)"
             )
+        shadowed = _shadowed_names(source, cls, ours)
+        if shadowed:
+            raise ValueError(
+                f"convert_batchnorm: {_where(path)} is a {cls.__qualname__} that defines {shadowed}, which "
+                f"normdecouple.{ours.__name__} uses for its own settings; expected a subclass without these "
+                f"names. Rename them in {cls.__name__}, or pass subclasses='warn' to leave it as it is"
+            )
         target = _blank(ours, source, **layer_kwargs)
         target.__class__ = _lp_subclass(cls, ours)
         return _transplant(source, target, _stats_dtype_widened(source))
@@ -498,9 +521,12 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
                 f"not hold it"
             )
         stats_dtype = _narrowed_stats_dtype(path, source)
+        torch_class = _TO_TORCH[cls] if user_class is None else _torch_base(user_class)
+        # torch's SyncBatchNorm takes its group as a constructor argument: the one our layer held, if any.
+        group = {"process_group": vars(source).get("process_group")} if torch_class is nn.SyncBatchNorm else {}
         if user_class is None:
-            return _transplant(source, _blank(_TO_TORCH[cls], source), stats_dtype)
-        target = _blank(_torch_base(user_class), source)
+            return _transplant(source, _blank(torch_class, source, **group), stats_dtype)
+        target = _blank(torch_class, source, **group)
         target.__class__ = user_class
         return _transplant(source, target, stats_dtype)
 

@@ -205,3 +205,21 @@ def test_converted_subclass_is_refused_by_the_sync_converter():
     with pytest.raises(ValueError, match=r"`1` is a .*BatchNormAct2d.*no synchronised counterpart"):
         nd.convert_sync_batchnorm(model)
     assert type(model[0]) is nd.L1BatchNorm2d
+
+
+def test_subclass_names_that_would_decide_our_norm_are_refused():
+    class WithBackend(nn.BatchNorm2d):
+        backend = "cudnn"  # would shadow our layer's backend setting
+
+    model = nn.Sequential(nn.BatchNorm2d(3), WithBackend(3))
+    with pytest.raises(ValueError, match=r"`1` is a .*WithBackend that defines \['backend'\]"):
+        nd.convert_batchnorm(model)
+    assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_syncbatchnorm_process_group_survives_the_round_trip():
+    group = object()
+    model = nd.convert_batchnorm(nn.Sequential(nn.SyncBatchNorm(3, process_group=group)))
+    assert type(model[0]) is nd.L1BatchNormNd
+    reverted = nd.revert_batchnorm(model)
+    assert type(reverted[0]) is nn.SyncBatchNorm and reverted[0].process_group is group
