@@ -1,21 +1,22 @@
-"""What the callbacks share: the ``sync_batchnorm=True`` guard, example inputs, choosing the weights.
+"""What the callbacks share: the ``sync_batchnorm=True`` guard, choosing the weights (``params="auto"``).
 
 References: arXiv:1803.01814
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
+from pytorch_lightning.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from torch import Tensor, nn
 
 import normdecouple
 from normdecouple import LpBatchNorm
+from normdecouple.scale_invariance import ScaleInvarianceTrace
 
 __all__: list[str] = []
 
@@ -31,11 +32,7 @@ def check_no_torch_layer_sync(trainer: pl.Trainer, pl_module: pl.LightningModule
     torch's converter accepts any ``_BatchNorm`` subclass, ours included, and silently replaces the L1/L∞ scale by
     the standard deviation; that is a different model, so it must not happen quietly.
     """
-    # The connector holds the user's choice on every strategy; the strategy holds it only on parallel ones.
-    layer_sync = getattr(getattr(trainer, "_accelerator_connector", None), "_layer_sync", None)
-    if layer_sync is None:
-        layer_sync = getattr(trainer.strategy, "_layer_sync", None)
-    if type(layer_sync) is not TorchSyncBatchNorm:
+    if type(_layer_sync(trainer)) is not TorchSyncBatchNorm:
         return
     found = our_layers(pl_module)
     if found:
@@ -45,6 +42,19 @@ def check_no_torch_layer_sync(trainer: pl.Trainer, pl_module: pl.LightningModule
             f"[{shown}] into torch's SyncBatchNorm, which normalises by the standard deviation (L2). Use "
             "Trainer(plugins=[SyncLpBatchNorm()]) from lightning_callbacks instead of sync_batchnorm=True"
         )
+
+
+def _layer_sync(trainer: pl.Trainer) -> LayerSync | None:
+    """The Trainer's ``LayerSync`` plugin (``sync_batchnorm=True`` is a ``TorchSyncBatchNorm``), or ``None``.
+
+    Lightning has no public accessor for it (pytorch_lightning 2.x): neither ``Trainer`` nor ``Strategy`` exposes
+    the plugin, and the strategy holds it only on parallel strategies. This is the one place that reads Lightning's
+    private attributes, so that a Lightning upgrade that renames them is fixed here; ``getattr`` with a default
+    keeps a rename from crashing (the guard then lets the run through, as with no plugin).
+    """
+    # The connector holds the user's choice on every strategy; the strategy holds it only on parallel ones.
+    layer_sync = getattr(getattr(trainer, "_accelerator_connector", None), "_layer_sync", None)
+    return layer_sync if layer_sync is not None else getattr(trainer.strategy, "_layer_sync", None)
 
 
 def check_params(params: Any, owner: str) -> str | list[str]:
@@ -72,43 +82,32 @@ def check_params(params: Any, owner: str) -> str | list[str]:
     return names
 
 
-def check_positive(value: Any, what: str, owner: str, remedy: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{owner}: expected {what} to be a positive finite number (got {value!r}); {remedy}")
-    return float(value)
+def has_forward(pl_module: pl.LightningModule) -> bool:
+    """Whether the module defines ``forward`` (many call ``self.net(x)`` in ``training_step`` instead)."""
+    return type(pl_module).forward is not pl.LightningModule.forward
 
 
-def default_inputs(batch: Any) -> tuple:
-    """The model's positional inputs in a training batch: the batch itself if a tensor, else its first item."""
+def default_inputs(batch: Any) -> tuple | None:
+    """The model's positional inputs in a training batch: the batch itself if a tensor, else its first item if a
+    tensor; ``None`` when the batch does not say (the weights are then found by tracing the training step)."""
     if isinstance(batch, Tensor):
         return (batch,)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return (batch[0],)
-    raise TypeError(
-        f"params='auto' runs the model once on the first training batch, but cannot tell its inputs in a batch of "
-        f"type {type(batch).__name__}; set pl_module.example_input_array, pass batch_to_inputs= (a function "
-        "from a batch to the tuple of forward's positional arguments), or pass params= explicitly"
-    )
+    return None
 
 
-def example_inputs(pl_module: pl.LightningModule, batch: Any, batch_to_inputs: Any) -> tuple | None:
-    """``pl_module.example_input_array`` when set (as Lightning passes it to forward), else the batch's inputs.
-
-    Returns ``None`` when there is neither yet (the caller waits for the first batch).
-    """
+def example_inputs(pl_module: pl.LightningModule) -> tuple:
+    """``pl_module.example_input_array`` as ``forward``'s positional inputs, on the module's device."""
     array = pl_module.example_input_array
-    if array is not None:
-        if isinstance(array, dict):
-            raise TypeError(
-                "params='auto' passes example_input_array to forward positionally; a dict of keyword inputs is "
-                "not supported: pass params= explicitly"
-            )
-        inputs = tuple(array) if isinstance(array, (tuple, list)) else (array,)
-        # example_input_array lives on the CPU in the module's construction dtype; the batch would be moved.
-        return _to_device(inputs, pl_module)
-    if batch is None:
-        return None
-    return tuple(batch_to_inputs(batch)) if batch_to_inputs is not None else default_inputs(batch)
+    if isinstance(array, dict):
+        raise TypeError(
+            "params='auto' passes example_input_array to forward positionally; a dict of keyword inputs is "
+            "not supported: pass params= explicitly"
+        )
+    inputs = tuple(array) if isinstance(array, (tuple, list)) else (array,)
+    # example_input_array lives on the CPU in the module's construction dtype; the batch would be moved.
+    return _to_device(inputs, pl_module)
 
 
 def _to_device(inputs: tuple, pl_module: pl.LightningModule) -> tuple:
@@ -157,3 +156,93 @@ def split_by_optimizer(
             "a batch norm. Pass params= explicitly, or remove the callback"
         )
     return split
+
+
+class _StepTrace:
+    """One trace of the first training step per Trainer, shared by every callback that needs it."""
+
+    def __init__(self) -> None:
+        self.trace: ScaleInvarianceTrace | None = None
+        self.names: list[str] | None = None
+
+    def start(self, pl_module: pl.LightningModule, owner: str) -> None:
+        if self.trace is not None or self.names is not None:
+            return
+        try:
+            self.trace = ScaleInvarianceTrace(pl_module)
+        except TypeError as error:
+            raise ValueError(
+                f"{owner}(params='auto') finds the weights by following the first training step, which is not "
+                f"possible here ({error}). Set pl_module.example_input_array (with a forward), or pass params= "
+                "explicitly"
+            ) from error
+        self.trace.start()
+
+    def finish(self, loss: Any) -> list[str] | None:
+        if self.trace is not None and self.trace.active:
+            self.trace.stop()
+            self.names = self.trace.invariant_parameters(loss)
+        return self.names
+
+    def abort(self) -> None:
+        if self.trace is not None:
+            self.trace.stop()
+        self.trace = None
+
+
+_STEP_TRACES: weakref.WeakKeyDictionary[pl.Trainer, _StepTrace] = weakref.WeakKeyDictionary()
+
+
+class AutoWeights:
+    """Finds the weights of ``params="auto"`` for one callback, at the earliest point the module allows.
+
+    - ``example_input_array`` and a ``forward``: at fit start, on that array;
+    - a ``forward`` and a batch whose inputs are known (``batch_to_inputs``, a tensor, or a tuple starting with
+      one): at the first batch's start, by an analysis forward whose side effects are undone;
+    - otherwise (no ``forward``, or a batch it cannot read): by tracing the real first training step as it runs,
+      from ``on_train_batch_start`` to the loss handed to ``on_before_backward`` (no extra forward, nothing run
+      twice). The trace is shared by every callback of the Trainer.
+    """
+
+    def __init__(self, owner: str, batch_to_inputs: Callable[[Any], tuple] | None) -> None:
+        if batch_to_inputs is not None and not callable(batch_to_inputs):
+            raise TypeError(
+                f"{owner}: expected batch_to_inputs to be a callable from a batch to forward's positional "
+                f"arguments, or None (got {type(batch_to_inputs).__name__})"
+            )
+        self.owner = owner
+        self.batch_to_inputs = batch_to_inputs
+
+    def reset(self, trainer: pl.Trainer) -> None:
+        shared = _STEP_TRACES.pop(trainer, None)
+        if shared is not None:
+            shared.abort()
+
+    def at_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
+        if self.batch_to_inputs is not None and not has_forward(pl_module):
+            raise ValueError(
+                f"{self.owner}: batch_to_inputs gives forward's inputs, but {type(pl_module).__name__} has no "
+                "forward; drop batch_to_inputs (the weights are then found from the first training step), set "
+                "example_input_array with a forward, or pass params= explicitly"
+            )
+        if pl_module.example_input_array is not None and has_forward(pl_module):
+            return scale_invariant_names(trainer, pl_module, example_inputs(pl_module))
+        return None
+
+    def at_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[str] | None:
+        if has_forward(pl_module):
+            inputs = tuple(self.batch_to_inputs(batch)) if self.batch_to_inputs is not None else default_inputs(batch)
+            if inputs is not None:
+                return scale_invariant_names(trainer, pl_module, inputs)
+        _STEP_TRACES.setdefault(trainer, _StepTrace()).start(pl_module, self.owner)
+        return None
+
+    def at_before_backward(self, trainer: pl.Trainer, loss: Any) -> list[str] | None:
+        shared = _STEP_TRACES.get(trainer)
+        return shared.finish(loss) if shared is not None else None
+
+    def at_batch_end(self, trainer: pl.Trainer) -> None:
+        # A step that returned no loss (training_step skipped the batch) ran no backward: try the next batch.
+        shared = _STEP_TRACES.get(trainer)
+        if shared is not None and shared.names is None:
+            shared.abort()

@@ -1,7 +1,9 @@
 """The lifecycle shared by the callbacks that attach a normdecouple optimizer hook to every optimizer.
 
-Attach at fit start (or at the first training batch when the weights are found from it), keep the state Lightning
-restores from a checkpoint until the hooks exist, detach at teardown.
+Attach at fit start (explicit names, ``example_input_array``, or the names in the checkpoint being resumed), else
+as soon as the weights are found from the first training batch (before its forward, or after its backward when
+the step itself is traced); keep the state Lightning restores from a checkpoint until the hooks exist; detach at
+teardown.
 
 References: arXiv:1803.01814
 """
@@ -17,7 +19,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from ._common import check_no_torch_layer_sync, check_params, example_inputs, scale_invariant_names, split_by_optimizer
+from ._common import AutoWeights, check_no_torch_layer_sync, check_params, split_by_optimizer
 
 __all__: list[str] = []
 
@@ -29,16 +31,14 @@ class _OptimizerHookCallback(Callback):
 
     def __init__(self, params: Any, batch_to_inputs: Callable[[Any], tuple] | None) -> None:
         self.params = check_params(params, self._owner)
-        if batch_to_inputs is not None and not callable(batch_to_inputs):
-            raise TypeError(
-                f"{self._owner}: expected batch_to_inputs to be a callable from a batch to forward's positional "
-                f"arguments, or None (got {type(batch_to_inputs).__name__})"
-            )
+        self._auto = AutoWeights(self._owner, batch_to_inputs)
         self.batch_to_inputs = batch_to_inputs
         # One hook per optimizer index; None for an optimizer that holds none of the chosen weights.
         self._hooks: list[Any] = []
         # State restored from a checkpoint before the hooks exist (Lightning restores callbacks before fit start).
         self._pending: dict[str, Any] | None = None
+        # Names found by tracing the first training step, waiting for its backward to end.
+        self._found: list[str] | None = None
 
     @property
     @override
@@ -49,17 +49,30 @@ class _OptimizerHookCallback(Callback):
     def _settings(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _saved_names(self, hook_state: dict[str, Any]) -> list[str]:
+        """The parameter names a saved hook state is keyed by."""
+        raise NotImplementedError
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_no_torch_layer_sync(trainer, pl_module, self._owner)
         if stage == "fit":
             self._pending = None
+            self._found = None
+            self._auto.reset(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Explicit names or an example_input_array need no batch: attach before anything can step.
-        if self.params != "auto" or pl_module.example_input_array is not None:
-            self._attach(trainer, pl_module, batch=None)
+        # Attach before anything can step whenever the weights are known without a batch.
+        if self.params != "auto":
+            self._attach(trainer, pl_module, self.params)
+        elif self._pending:
+            # A resumed run acts on the weights the checkpoint's hooks acted on.
+            self._attach(trainer, pl_module, self._names_in(self._pending))
+        else:
+            names = self._auto.at_fit_start(trainer, pl_module)
+            if names is not None:
+                self._attach(trainer, pl_module, names)
 
     @override
     def on_train_batch_start(
@@ -67,11 +80,39 @@ class _OptimizerHookCallback(Callback):
     ) -> None:
         # The first batch as the training step gets it (already on the device); reading one from the dataloader
         # here would draw from the global RNG and make the run differ from one without the callback.
+        if not self.attached and self._found is None:
+            names = self._auto.at_batch_start(trainer, pl_module, batch)
+            if names is not None:
+                self._attach(trainer, pl_module, names)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if not self.attached and self._found is None:
+            self._found = self._auto.at_before_backward(trainer, loss)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the backward, before the step: a hook that moves the weights now must not touch the ones saved for
+        # the backward, and its gradients are rescaled to those at the moved weights.
+        if not self.attached and self._found is not None:
+            found, self._found = self._found, None
+            self._attach(trainer, pl_module, found, after_backward=True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.attached:
-            self._attach(trainer, pl_module, batch=batch)
+            self._auto.at_batch_end(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._auto.reset(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._auto.reset(trainer)
         if stage == "fit" and self.attached:
             # Kept so that a checkpoint saved after fit (trainer.save_checkpoint) still holds the state.
             self._pending = self.state_dict()
@@ -90,16 +131,23 @@ class _OptimizerHookCallback(Callback):
         """The normdecouple hook of each optimizer (``None`` where it holds no chosen weight); empty if detached."""
         return list(self._hooks)
 
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _names_in(self, state_dict: dict[str, Any]) -> list[str]:
+        hooks = state_dict.get("hooks") if isinstance(state_dict, dict) else None
+        if not isinstance(hooks, dict):
+            raise ValueError(
+                f"{self._owner}: expected the checkpoint's state to hold 'hooks', a dict of per-optimizer hook "
+                f"states (got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}); "
+                "resume from a checkpoint saved with this callback"
+            )
+        return [name for key in sorted(hooks) for name in self._saved_names(hooks[key])]
+
+    def _attach(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str], after_backward: bool = False
+    ) -> None:
         optimizers = list(trainer.optimizers)
-        if self.params == "auto":
-            inputs = example_inputs(pl_module, batch, self.batch_to_inputs)
-            if inputs is None:
-                return
-            names = scale_invariant_names(trainer, pl_module, inputs)
-            split = split_by_optimizer(names, pl_module, optimizers, self._owner, strict=False)
-        else:
-            split = split_by_optimizer(self.params, pl_module, optimizers, self._owner, strict=True)
+        split = split_by_optimizer(names, pl_module, optimizers, self._owner, strict=self.params != "auto")
+        by_name = dict(pl_module.named_parameters())
+        before = {n: by_name[n].detach().clone() for n in names} if after_backward else {}
         self._hooks = [
             self._make_hook(opt, chosen, pl_module) if chosen else None for opt, chosen in zip(optimizers, split)
         ]
@@ -110,6 +158,26 @@ class _OptimizerHookCallback(Callback):
         if self._pending is not None:
             self._load_into_hooks(self._pending)
             self._pending = None
+        self._after_attach()
+        if after_backward:
+            self._rescale_gradients(before, by_name)
+
+    def _after_attach(self) -> None:
+        """Runs once the hooks exist and hold their restored state."""
+
+    def _rescale_gradients(self, before: dict[str, torch.Tensor], by_name: dict[str, torch.nn.Parameter]) -> None:
+        # The weights are scale-invariant, so the gradient at w' = c·w (per output channel) is g / c: a hook that
+        # moved the weights after the backward leaves the step equal to the one taken had it moved them before.
+        with torch.no_grad():
+            for hook in self._hooks:
+                if hook is None:
+                    continue
+                for key, p, dim in zip(hook.keys, hook.params, hook.channel_dims):
+                    if p.grad is None or torch.equal(p, before[key]):
+                        continue
+                    dims = tuple(d for d in range(p.dim()) if d != dim)
+                    old = torch.linalg.vector_norm(before[key], dim=dims, keepdim=True)
+                    p.grad.mul_((old / torch.linalg.vector_norm(p, dim=dims, keepdim=True)).to(p.grad.dtype))
 
     def _make_hook(self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule) -> Any:
         raise NotImplementedError

@@ -14,8 +14,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 import normdecouple
+from normdecouple.optim.checks import check_power, check_radius
 
-from ._common import check_positive
 from ._hook_callback import _OptimizerHookCallback
 
 __all__ = ["NormScaledLR"]
@@ -36,7 +36,8 @@ class NormScaledLR(_OptimizerHookCallback):
     AMP's ``GradScaler`` skips, the gradients (inf/NaN anyway) are scaled but the weights are left alone.
 
     The hooks attach at fit start (with ``params="auto"`` and no ``example_input_array``: at the first training
-    batch), their reference norms are saved in Lightning checkpoints and restored on resume, and they are
+    batch; for a module without ``forward``, after the first training step's backward, the weights found by
+    following that step as it runs, as :class:`WeightNormProjection` describes), their reference norms are saved in Lightning checkpoints and restored on resume, and they are
     removed at teardown. Every ``fit`` starts the hooks afresh (``"init"`` measured again) unless it
     resumes from a checkpoint (``ckpt_path=``).
 
@@ -74,24 +75,23 @@ class NormScaledLR(_OptimizerHookCallback):
         batch_to_inputs: Callable[[Any], tuple] | None = None,
     ) -> None:
         super().__init__(params, batch_to_inputs)
-        if isinstance(reference, str):
-            if reference != "init":
-                raise ValueError(
-                    f"{self._owner}: expected reference to be 'init' or a positive number (got {reference!r})"
-                )
-        else:
-            reference = check_positive(reference, "reference", self._owner, "or reference='init'")
-        if power != "auto" if isinstance(power, str) else isinstance(power, bool) or power not in (1, 2):
-            raise ValueError(
-                f"{self._owner}: expected power to be 'auto', 1 or 2 (got {power!r}): 2 for an update "
-                "proportional to the gradient (SGD-like), 1 for one independent of its scale (Adam-like)"
-            )
+        reference = check_radius(reference, "reference", self._owner)
+        power = check_power(power, self._owner)
         self.reference = reference
         self.power = power
         self._post_handles: list[RemovableHandle] = []
 
     def _settings(self) -> dict[str, Any]:
         return {"reference": self.reference, "power": self.power}
+
+    def _saved_names(self, hook_state: dict[str, Any]) -> list[str]:
+        reference = hook_state.get("reference") if isinstance(hook_state, dict) else None
+        if not isinstance(reference, dict):
+            raise ValueError(
+                f"{self._owner}: expected each saved hook state to hold 'reference', a dict keyed by parameter "
+                "name (got none); resume from a checkpoint saved with this callback"
+            )
+        return list(reference)
 
     def _make_hook(
         self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule

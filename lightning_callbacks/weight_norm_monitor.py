@@ -15,18 +15,20 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from normdecouple.optim import default_power
+from normdecouple.optim import default_power, output_channel_dim
+from normdecouple.optim.checks import check_power
 
-from ._common import check_no_torch_layer_sync, check_params, example_inputs, scale_invariant_names
+from ._common import AutoWeights, check_no_torch_layer_sync, check_params
 
 __all__ = ["WeightNormMonitor"]
 
 _INTERVALS = ("step", "epoch")
 
-def _channels(w: Tensor) -> Tensor:
-    """``w`` as ``(C_out, rest)`` in at least float32, one row per output channel."""
+
+def _channels(w: Tensor, dim: int) -> Tensor:
+    """``w`` as ``(C_out, rest)`` in at least float32, one row per output channel (slice along ``dim``)."""
     dtype = torch.promote_types(w.dtype, torch.float32)
-    return w.detach().to(dtype).reshape(w.shape[0], -1)
+    return w.detach().to(dtype).movedim(dim, 0).reshape(w.shape[dim], -1)
 
 
 class WeightNormMonitor(Callback):
@@ -58,7 +60,9 @@ class WeightNormMonitor(Callback):
     Args:
         logging_interval: ``"step"`` or ``"epoch"``. Default: ``"step"``.
         params: ``"auto"`` (the scale-invariant weights, found by :func:`normdecouple.scale_invariant_parameters`
-            on ``example_input_array`` or the first training batch) or an iterable of parameter names. Default:
+            on ``example_input_array`` or the first training batch; for a module without ``forward``, by following
+            its first training step as it runs, so the first step's values are logged from the second on) or an
+            iterable of parameter names. Default:
             ``"auto"``.
         power: ``"auto"`` (from the optimizer's type, as above), 1 or 2. Default: ``"auto"``.
         batch_to_inputs: for ``params="auto"`` without ``example_input_array``: a function from a training batch
@@ -89,19 +93,10 @@ class WeightNormMonitor(Callback):
             raise ValueError(
                 f"WeightNormMonitor: expected logging_interval to be 'step' or 'epoch' (got {logging_interval!r})"
             )
-        if power != "auto" if isinstance(power, str) else isinstance(power, bool) or power not in (1, 2):
-            raise ValueError(
-                f"WeightNormMonitor: expected power to be 'auto', 1 or 2 (got {power!r}): 2 for SGD-like "
-                "optimizers, 1 for Adam-like ones"
-            )
-        if batch_to_inputs is not None and not callable(batch_to_inputs):
-            raise TypeError(
-                "WeightNormMonitor: expected batch_to_inputs to be a callable or None "
-                f"(got {type(batch_to_inputs).__name__})"
-            )
+        self.power = check_power(power, "WeightNormMonitor")
+        self._auto = AutoWeights("WeightNormMonitor", batch_to_inputs)
         self.logging_interval = logging_interval
         self.params = check_params(params, "WeightNormMonitor")
-        self.power = power
         self.batch_to_inputs = batch_to_inputs
         self._names: list[str] | None = None
         # Copies of the weights before the step (or the epoch) being measured, and what the step used.
@@ -121,6 +116,7 @@ class WeightNormMonitor(Callback):
         if stage == "fit":
             self._names = None
             self._before = {}
+            self._auto.reset(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -133,19 +129,37 @@ class WeightNormMonitor(Callback):
                     f"WeightNormMonitor: expected parameter names of the LightningModule (got {sorted(unknown)})"
                 )
             self._names = list(self.params)
-        elif pl_module.example_input_array is not None:
-            self._names = scale_invariant_names(trainer, pl_module, example_inputs(pl_module, None, None))
+        else:
+            self._names = self._auto.at_fit_start(trainer, pl_module)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._names is None:
-            inputs = example_inputs(pl_module, batch, self.batch_to_inputs)
-            self._names = scale_invariant_names(trainer, pl_module, inputs)
-        if self.logging_interval == "epoch" and not self._before:
+            self._names = self._auto.at_batch_start(trainer, pl_module, batch)
+        self._start_epoch_record(trainer, pl_module)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._names is None:
+            # Found by following this first training step; no optimizer has stepped yet in it.
+            self._names = self._auto.at_before_backward(trainer, loss)
+            self._start_epoch_record(trainer, pl_module)
+
+    def _start_epoch_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.logging_interval == "epoch" and self._names is not None and not self._before:
             self._record(trainer, pl_module, list(trainer.optimizers))
             self._step = trainer.global_step
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._auto.reset(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._auto.reset(trainer)
 
     @override
     def on_before_optimizer_step(
@@ -161,6 +175,8 @@ class WeightNormMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._names is None:
+            self._auto.at_batch_end(trainer)
         if self.logging_interval == "step" and self._before:
             self._log(trainer, pl_module)
 
@@ -191,7 +207,9 @@ class WeightNormMonitor(Callback):
         keys: list[str] = []
         values: list[Tensor] = []
         for name, before in self._before.items():
-            a, b = _channels(before), _channels(by_name[name])
+            owner, _, leaf = name.rpartition(".")
+            dim = output_channel_dim(pl_module.get_submodule(owner), leaf) if before.dim() >= 2 else 0
+            a, b = _channels(before, dim), _channels(by_name[name], dim)
             norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
             lr, power = self._lr[name]
             keys.append(f"weight_norm/{name}")

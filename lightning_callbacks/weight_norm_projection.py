@@ -5,7 +5,6 @@ References: arXiv:1803.01814
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 
 import normdecouple
+from normdecouple.optim.checks import check_norm_order, check_positive_number, check_radius
 
-from ._common import check_positive
 from ._hook_callback import _OptimizerHookCallback
 
 __all__ = ["WeightNormProjection"]
@@ -32,9 +31,17 @@ class WeightNormProjection(_OptimizerHookCallback):
     - the LightningModule, its ``configure_optimizers`` and LR schedulers stay unchanged.
 
     The hooks attach at fit start, after the optimizers are built; with ``params="auto"`` the weights are found
-    by :func:`normdecouple.scale_invariant_parameters` on ``pl_module.example_input_array`` when it is set, else on
-    the first training batch (then the hooks attach just before the first step). Radii and the radius scale are
-    saved in Lightning checkpoints and restored on resume, so a resumed run continues like an uninterrupted one.
+    by :func:`normdecouple.scale_invariant_parameters` on ``pl_module.example_input_array`` when it is set (and
+    the module has a ``forward``), else on the first training batch, before its forward. A module without
+    ``forward`` (its ``training_step`` calls ``self.net(x)``), or a batch whose inputs cannot be told, is followed
+    through its real first training step instead, as it runs (:class:`normdecouple.scale_invariance.ScaleInvarianceTrace`
+    from ``on_train_batch_start`` to the loss in ``on_before_backward``: no extra forward). The hooks then attach
+    after that step's backward, before its optimizer step; with an absolute ``radius`` (or a :meth:`scale_radius`
+    factor given before) the weights are put on their spheres then and that step's gradients rescaled to match,
+    so the step equals one taken with the weights projected before the forward (the batch norms' running
+    statistics of that one batch alone still saw the unprojected weights). Radii and the radius scale are saved
+    in Lightning checkpoints and restored on resume, and a resumed run attaches at fit start to the weights its
+    checkpoint names, so it continues like an uninterrupted one.
     The hooks are removed at teardown. Every ``fit`` starts the hooks afresh (``"init"`` measured again) unless it
     resumes from a checkpoint (``ckpt_path=``).
 
@@ -72,35 +79,54 @@ class WeightNormProjection(_OptimizerHookCallback):
         batch_to_inputs: Callable[[Any], tuple] | None = None,
     ) -> None:
         super().__init__(params, batch_to_inputs)
-        if isinstance(p, bool) or p not in (1, 2, math.inf):
-            raise ValueError(f"{self._owner}: expected p to be 1, 2 or math.inf (got {p!r})")
-        if isinstance(radius, str):
-            if radius != "init":
-                raise ValueError(f"{self._owner}: expected radius to be 'init' or a positive number (got {radius!r})")
-        else:
-            radius = check_positive(radius, "radius", self._owner, "or radius='init' to keep each channel's norm")
-        self.p = p
-        self.radius = radius
+        self.p = check_norm_order(p, self._owner)
+        self.radius = check_radius(radius, "radius", self._owner)
+        # The product of the scale_radius factors given while the hooks were not attached.
+        self._kept_factor = 1.0
 
     def _settings(self) -> dict[str, Any]:
         return {"p": self.p, "radius": self.radius}
+
+    def _saved_names(self, hook_state: dict[str, Any]) -> list[str]:
+        radius = hook_state.get("radius") if isinstance(hook_state, dict) else None
+        if not isinstance(radius, dict):
+            raise ValueError(
+                f"{self._owner}: expected each saved hook state to hold 'radius', a dict keyed by parameter name "
+                "(got none); resume from a checkpoint saved with this callback"
+            )
+        return list(radius)
 
     def _make_hook(
         self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule
     ) -> normdecouple.WeightNormProjection:
         return normdecouple.WeightNormProjection(optimizer, names, p=self.p, radius=self.radius, model=pl_module)
 
+    def _after_attach(self) -> None:
+        # Also moves the weights onto the restored spheres: an absolute radius projected them onto the unscaled
+        # ones when the hook was built, before its saved radius scale was loaded.
+        factor, self._kept_factor = self._kept_factor, 1.0
+        for hook in self._hooks:
+            if hook is not None:
+                hook.scale_radius(factor)
+
     def scale_radius(self, factor: float) -> None:
-        """Multiplies every radius by ``factor`` now (the paper's norm schedule), e.g. from ``on_train_epoch_start``.
+        """Multiplies every radius by ``factor`` (the paper's norm schedule), from any hook, at any time.
+
+        With the hooks attached the weights move onto the new spheres now. Before they attach (before fit, or
+        before the first training step when the weights are found from it) the factor is kept and applied when
+        they attach, after the radii are measured or restored from a checkpoint; factors given twice multiply.
+        E.g. from a callback's ``on_train_epoch_start``::
+
+            if trainer.current_epoch in (30, 60, 80):
+                projection.scale_radius(10 ** 0.5)
 
         Raises:
-            RuntimeError: if the hooks are not attached (before fit start or after teardown).
+            ValueError: if ``factor`` is not a positive finite number.
         """
+        factor = check_positive_number(factor, "factor", "e.g. scale_radius(10 ** 0.5)", self._owner)
         if not self.attached:
-            raise RuntimeError(
-                f"{self._owner}.scale_radius: the hooks are not attached; call it during fit, e.g. from a "
-                "callback's or the module's on_train_epoch_start"
-            )
+            self._kept_factor *= factor
+            return
         for hook in self._hooks:
             if hook is not None:
                 hook.scale_radius(factor)

@@ -512,3 +512,126 @@ def test_monitor_intervals(tmp_path, interval, accumulate, expected_rows):
     rows = [r for r in read_metrics(tmp_path) if r.get("angular_update/net.0.weight")]
     assert len(rows) == expected_rows
     assert all(float(r["angular_update/net.0.weight"]) > 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A LightningModule without forward: training_step calls self.net directly (as in Lightning's own docs)
+
+
+class NoForward(TinyModule):
+    """TinyModule without forward; float64 batch norms with eps=1e-300 make the chosen weights exactly
+    scale-invariant, so the gradient rescaling at attachment is exact."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for m in self.net:
+            if isinstance(m, nn.BatchNorm1d):
+                m.eps = 1e-300
+
+    forward = pl.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+def test_module_without_forward_trains_with_every_callback(tmp_path):
+    model = NoForward(dtype=torch.float64, lr=0.3, momentum=0.9)
+    projection, scaled_lr = WeightNormProjection(radius=2.0), NormScaledLR(reference=1.0)
+    callbacks = [BatchNormSwap("l1"), projection, scaled_lr, WeightNormMonitor()]
+    make_trainer(tmp_path, max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1,
+                 callbacks=callbacks).fit(model)
+    assert isinstance(model.net[1], normdecouple.L1BatchNorm1d)
+    assert sorted(projection.state_dict()["hooks"]["0"]["radius"]) == CHOSEN
+    assert sorted(scaled_lr.state_dict()["hooks"]["0"]["reference"]) == CHOSEN
+    for name in CHOSEN:
+        w = model.get_parameter(name)
+        torch.testing.assert_close(channel_norms(w), torch.full((w.shape[0],), 2.0, dtype=torch.float64))
+    rows = read_metrics(tmp_path)
+    # The first step is the traced one (its weights are found from its loss): logged from the second step on.
+    assert {f"weight_norm/{n}" for n in CHOSEN} <= set(rows[-1]) and "weight_norm/net.6.weight" not in rows[-1]
+
+
+def independent_loop(model, steps):
+    """The reference: a plain PyTorch loop, the hooks attached before the first forward."""
+    opt = model.configure_optimizers()
+    normdecouple.WeightNormProjection(opt, CHOSEN, radius=2.0, model=model)
+    normdecouple.NormScaledLR(opt, CHOSEN, reference=1.0, model=model)
+    for i, (x, y) in enumerate(model.train_dataloader()):
+        if i == steps:
+            break
+        opt.zero_grad()
+        nn.functional.mse_loss(model.net(x), y).backward()
+        opt.step()
+
+
+def test_module_without_forward_equals_hooks_attached_before_the_first_step():
+    # The hooks attach after the first step's backward (the weights are found from its loss); the projection onto
+    # radius 2 then rescales that step's gradients, so every step equals the plain loop's.
+    lightning, plain = NoForward(dtype=torch.float64, lr=0.3, momentum=0.9), None
+    plain = NoForward(dtype=torch.float64, lr=0.3, momentum=0.9)
+    plain.load_state_dict(lightning.state_dict())
+    make_trainer(max_steps=4, callbacks=[WeightNormProjection(radius=2.0), NormScaledLR(reference=1.0)]).fit(
+        lightning)
+    independent_loop(plain, 4)
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(lightning.get_parameter(name), p, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_module_without_forward_and_batch_to_inputs_is_a_clear_error():
+    with pytest.raises(ValueError, match="example_input_array.*params="):
+        make_trainer(max_steps=1, callbacks=[WeightNormProjection(batch_to_inputs=lambda b: (b[0],))]).fit(
+            NoForward())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scale_radius at any time, and resume at a schedule epoch
+
+
+def test_scale_radius_before_the_hooks_attach_is_kept():
+    callback = WeightNormProjection(radius=1.0)
+    callback.scale_radius(2.0)
+    callback.scale_radius(1.5)
+    with pytest.raises(ValueError, match="factor"):
+        callback.scale_radius(0.0)
+    model = TinyModule(lr=0.5)
+    make_trainer(max_steps=3, callbacks=[callback]).fit(model)
+    for name in CHOSEN:
+        w = model.get_parameter(name)
+        # float32 weights: their norms are 3 to float32 rounding.
+        torch.testing.assert_close(channel_norms(w), torch.full((w.shape[0],), 3.0, dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
+    assert callback.state_dict()["hooks"]["0"]["radius_scale"] == 3.0
+
+
+class EarlySchedule(Callback):
+    """The norm schedule at the start of epochs 0 and 1: before the hooks attach when they wait for a batch."""
+
+    def __init__(self, projection):
+        self.projection = projection
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch in (0, 1):
+            self.projection.scale_radius(math.sqrt(2))
+
+
+@pytest.mark.parametrize("module", [TinyModule, NoForward], ids=["forward", "no-forward"])
+@pytest.mark.parametrize("radius", ["init", 0.7])
+def test_resume_at_a_schedule_epoch_equals_uninterrupted(tmp_path, module, radius):
+    def callbacks():
+        projection = WeightNormProjection(radius=radius)
+        return [projection, NormScaledLR(reference="init"), EarlySchedule(projection)]
+
+    kwargs = dict(dtype=torch.float64, lr=0.2, momentum=0.9, batches=2)
+    straight = module(**kwargs)
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
+    make_trainer(max_epochs=3, enable_checkpointing=True, callbacks=callbacks() + [every_epoch]).fit(straight)
+    # epoch=0.ckpt: the resumed run starts at epoch 1, whose on_train_epoch_start scales the radius.
+    resumed = module(**kwargs)
+    resumed.load_state_dict(init)
+    make_trainer(max_epochs=3, callbacks=callbacks()).fit(resumed, ckpt_path=tmp_path / "epoch=0.ckpt")
+    for name, p in straight.named_parameters():
+        torch.testing.assert_close(resumed.get_parameter(name), p, rtol=1e-13, atol=1e-15, msg=name)
+    for name, b in straight.named_buffers():
+        torch.testing.assert_close(resumed.get_buffer(name), b, rtol=1e-13, atol=1e-15, msg=name)
