@@ -19,7 +19,9 @@ References: arXiv:1803.01814
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
 import tempfile
 import time
 
@@ -28,7 +30,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import normdecouple as nd
-from normdecouple.distributed import SyncLpBatchNormFunction, count_collectives
+from normdecouple.distributed import SyncLpBatchNormFunction
+
+# The collective counter is a test helper (it monkeypatches torch.distributed), not part of the library.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from _distributed_support import count_collectives  # noqa: E402
 
 # Per-process (N, C, H, W): ResNet-like channel counts, batches scaled down for a CPU.
 SHAPES = [(8, 64, 32, 32), (8, 128, 16, 16), (16, 256, 8, 8), (32, 512, 4, 4)]

@@ -29,6 +29,7 @@ from torch import Tensor
 from .stats import (
     Norm,
     accumulate_dtype,
+    can_read_on_host,
     canonical,
     channel_major,
     hypot_eps,
@@ -66,7 +67,10 @@ def normalise(
             return torch.empty_like(x), inv_std
         w = None if weight is None else weight.to(acc)
         b = None if bias is None else bias.to(acc)
-        y = torch.batch_norm(x, w, b, mean, scale_sq, False, 0.0, eps, torch.backends.cudnn.enabled)
+        # The statistics stand in for running ones, which torch's kernel refuses to differentiate; callers
+        # are autograd.Functions with their own backward (detached is exact here, also when export traces it).
+        y = torch.batch_norm(x, w, b, mean.detach(), scale_sq.detach(), False, 0.0, eps,
+                             torch.backends.cudnn.enabled)
         return y, inv_std
     scale_e = hypot_eps(scale, math.sqrt(eps))
     inv_std = 1.0 / scale_e.to(acc)
@@ -132,7 +136,8 @@ def _sum_u_sparse(view: Tensor, dev_mean: Tensor, threshold: Tensor, k: int, acc
 class LpBatchNormFunction(torch.autograd.Function):
     """Training-mode L1/L∞ batch norm with the closed-form backward of :mod:`normdecouple.stats`.
 
-    ``apply(x, weight, bias, eps, norm, k, low_precision)`` (``norm`` a :class:`~normdecouple.stats.Norm`)
+    ``apply(x, weight, bias, eps, norm, k, low_precision)`` (``norm`` a :class:`~normdecouple.stats.Norm` or its
+    value)
     returns ``(y, batch_mean, batch_scale)``; the statistics are in :func:`accumulate_dtype` and carry no
     gradient (running statistics are updated by the caller, never here). Besides the input and weight, the
     backward keeps per-channel vectors only: the mean, 1/s_e, s, and for L∞ the k-th largest |d| (for the tie
@@ -142,6 +147,7 @@ class LpBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, norm, k, low_precision):
+        norm = Norm.parse(norm)
         n = x.numel() // x.shape[1]
         lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
         forward = _forward_lowp if lowp else _forward_full
@@ -183,14 +189,15 @@ class LpBatchNormFunction(torch.autograd.Function):
                 sum_u = u.sum(dim=(0, 2), dtype=acc)
                 coef, offset = input_grad_coefficients(sum_dy, sum_dy_xhat, sum_u, gamma, scale, inv_std, n, factor)
                 grad_x = input_grad(dy, u, gamma, inv_std, coef, offset)
-            elif not torch.compiler.is_compiling() and x.device.type != "meta":
+            elif can_read_on_host(x):
                 # Only the values at or above the k-th largest |d| carry the scale's gradient.
                 index, u_selected, sum_u = _sum_u_sparse(view, dev_mean, threshold, ctx.k, acc)
                 coef, offset = input_grad_coefficients(sum_dy, sum_dy_xhat, sum_u, gamma, scale, inv_std, n, factor)
                 grad_x = torch.addcmul(offset[:, None], dy, (gamma * inv_std)[:, None])
                 grad_x.index_put_(index, coef[index[1]] * u_selected, accumulate=True)
             else:
-                # Traced graphs cannot have the data-dependent shapes of the sparse form.
+                # Traced graphs (compile, export, meta and fake tensors) cannot have the sparse form's
+                # data-dependent shapes.
                 dev = view - dev_mean[:, None]
                 u = dev.sign().to(acc) * linf_tie_weights(dev.abs(), threshold, ctx.k, (0, 2))
                 sum_u = u.sum(dim=(0, 2))

@@ -40,9 +40,7 @@ References: arXiv:1803.01814
 
 from __future__ import annotations
 
-import contextlib
 import string
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,67 +49,32 @@ from torch import Tensor
 
 from . import batchnorm as bn
 from ._constants import L1_SCALE
-from ._torch_backend import (
-    _canonical,
-    _channel_major,
-    _is_channels_last,
-    _topk_constant,
-    _tree_mean,
-    _uncanonical,
+from ._torch_backend import normalise
+from .stats import (
+    Norm,
     accumulate_dtype,
+    can_read_on_host,
+    canonical,
+    channel_major,
+    input_grad,
+    input_grad_coefficients,
+    is_channels_last,
     linf_selected,
-    normalise,
+    pairwise_mean,
+    scale_factor,
+    traceable_topk_constant,
+    uncanonical,
 )
 from .functional import update_running_stats
 
 __all__ = [
     "SyncL1BatchNorm",
     "SyncLinfBatchNorm",
-    "count_collectives",
 ]
 
 # Per-channel vectors cross the wire in float64: counts stay exact beyond 2**24 values per channel, and
 # fp16/bf16/fp32 values (the L∞ candidates) round-trip exactly.
 _WIRE = torch.float64
-
-
-# The collectives of torch.distributed that count_collectives wraps.
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
-                "reduce_scatter_tensor", "all_to_all_single")
-
-
-@contextlib.contextmanager
-def count_collectives(counter: list[int]) -> Iterator[None]:
-    """Counts, into ``counter[0]``, the ``torch.distributed`` collectives called inside the block.
-
-    A diagnostic for the "collectives per layer" of the docs (the tests and ``benchmarks/bn_sync.py`` use it):
-    it wraps the module-level functions of ``torch.distributed`` for the duration of the block.
-
-    Example::
-
-        >>> from normdecouple.distributed import count_collectives
-        >>> counter = [0]
-        >>> with count_collectives(counter):
-        ...     pass
-        >>> counter
-        [0]
-    """
-    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
-
-    def wrap(fn):
-        def counted(*args, **kwargs):
-            counter[0] += 1
-            return fn(*args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def _all_gather(local: Tensor, group: Any, world_size: int) -> Tensor:
@@ -127,7 +90,7 @@ def _all_gather(local: Tensor, group: Any, world_size: int) -> Tensor:
     return torch.stack(parts)
 
 
-def _check_global_count(count: int, norm: str, k: int, x: Tensor, world_size: int) -> None:
+def _check_global_count(count: int, norm: Norm, k: int, x: Tensor, world_size: int) -> None:
     # Every rank holds the same count after the first collective, so every rank raises here together and
     # none is left waiting in a later collective.
     if count <= 1:
@@ -135,7 +98,7 @@ def _check_global_count(count: int, norm: str, k: int, x: Tensor, world_size: in
             f"Expected more than 1 value per channel when training, got {count} value(s) per channel over the "
             f"{world_size} processes of the group (local input size {tuple(x.shape)}); use a larger batch"
         )
-    if norm == "linf" and k > count:
+    if norm is Norm.LINF and k > count:
         raise ValueError(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of the global batch over "
             f"{world_size} processes (local input size {tuple(x.shape)}); use k <= {count} or a larger batch"
@@ -150,8 +113,8 @@ def _local_mean_sum(x: Tensor, lowp: bool) -> Tensor:
         return torch.zeros(channels, dtype=_WIRE, device=x.device)
     if lowp:
         # The local blocked mean stays in the input dtype; only the weighting by counts is float64.
-        return _tree_mean(_channel_major(x)).to(_WIRE) * n_local
-    view = _canonical(x, _is_channels_last(x))
+        return pairwise_mean(channel_major(x)).to(_WIRE) * n_local
+    view = canonical(x, is_channels_last(x))
     return view.sum(dim=(0, 2), dtype=accumulate_dtype(x.dtype)).to(_WIRE)
 
 
@@ -163,11 +126,11 @@ def _local_extremes(x: Tensor, k: int) -> Tensor:
         return x.new_zeros(channels, 2 * k)
     if n_local < 2 * k:
         # Below 2k values the two lists would share elements; all values (a sub-multiset, as required) instead.
-        return torch.nn.functional.pad(_channel_major(x), (0, 2 * k - n_local))
+        return torch.nn.functional.pad(channel_major(x), (0, 2 * k - n_local))
     if k == 1:
-        view = _canonical(x, _is_channels_last(x))
+        view = canonical(x, is_channels_last(x))
         return torch.stack([view.amax(dim=(0, 2)), view.amin(dim=(0, 2))], dim=1)
-    per_channel = _channel_major(x)
+    per_channel = channel_major(x)
     top = per_channel.topk(k, dim=1, sorted=False).values
     bottom = per_channel.topk(k, dim=1, largest=False, sorted=False).values
     return torch.cat([top, bottom], dim=1)
@@ -181,15 +144,15 @@ def _forward_l1(x: Tensor, lowp: bool, group: Any, world_size: int) -> tuple[Ten
     packed = torch.cat([_local_mean_sum(x, lowp), torch.full((1,), n_local, dtype=_WIRE, device=x.device)])
     dist.all_reduce(packed, group=group)
     count = int(packed[channels].item())
-    _check_global_count(count, "l1", 1, x, world_size)
+    _check_global_count(count, Norm.L1, 1, x, world_size)
     mean = (packed[:channels] / count).to(stat_dtype)
     if n_local == 0:
         abs_sum = torch.zeros(channels, dtype=_WIRE, device=x.device)
     elif lowp:
-        abs_dev = (_channel_major(x) - mean[:, None]).abs()
-        abs_sum = _tree_mean(abs_dev).to(_WIRE) * n_local
+        abs_dev = (channel_major(x) - mean[:, None]).abs()
+        abs_sum = pairwise_mean(abs_dev).to(_WIRE) * n_local
     else:
-        view = _canonical(x, _is_channels_last(x))
+        view = canonical(x, is_channels_last(x))
         abs_sum = (view - mean[:, None]).abs_().sum(dim=(0, 2)).to(_WIRE)
     dist.all_reduce(abs_sum, group=group)
     if lowp:
@@ -213,7 +176,7 @@ def _forward_linf(x: Tensor, k: int, lowp: bool, group: Any, world_size: int
     gathered = _all_gather(local, group, world_size)
     counts = gathered[:, channels]
     count = int(counts.sum().item())
-    _check_global_count(count, "linf", k, x, world_size)
+    _check_global_count(count, Norm.LINF, k, x, world_size)
     mean = (gathered[:, :channels].sum(dim=0) / count).to(stat_dtype)
     # |candidate - mu| with exactly the arithmetic the backward applies to the local values (same dtypes),
     # so the k-th largest value t found here compares equal to the tied elements there.
@@ -224,8 +187,8 @@ def _forward_linf(x: Tensor, k: int, lowp: bool, group: Any, world_size: int
     pooled = abs_dev.transpose(0, 1).reshape(channels, world_size * 2 * k)
     top = pooled.topk(k, dim=1, sorted=False).values
     threshold = top.amin(dim=1)
-    mean_top = _tree_mean(top) if lowp else top.mean(dim=1)
-    scale = (mean_top * (1.0 / _topk_constant(count, k))).to(stat_dtype)
+    mean_top = pairwise_mean(top) if lowp else top.mean(dim=1)
+    scale = (mean_top * (1.0 / traceable_topk_constant(count, k))).to(stat_dtype)
     return mean, scale, threshold, count
 
 
@@ -242,17 +205,18 @@ class SyncLpBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, norm, k, low_precision, group, world_size):
+        norm = Norm.parse(norm)
         lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
         acc = accumulate_dtype(x.dtype)
         threshold = None
-        if norm == "l1":
+        if norm is Norm.L1:
             mean, scale, count = _forward_l1(x, lowp, group, world_size)
         else:
             mean, scale, threshold, count = _forward_linf(x, k, lowp, group, world_size)
         y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp)
         lowp_mean = mean if lowp else None
         ctx.norm, ctx.k, ctx.count, ctx.group = norm, k, count, group
-        ctx.channels_last = _is_channels_last(x)
+        ctx.channels_last = is_channels_last(x)
         ctx.bias_dtype = None if bias is None else bias.dtype
         batch_mean, batch_scale = mean.to(acc), scale.to(acc)
         ctx.save_for_backward(x, weight, batch_mean, batch_scale, inv_std, lowp_mean, threshold)
@@ -260,8 +224,14 @@ class SyncLpBatchNormFunction(torch.autograd.Function):
         return y, batch_mean, batch_scale, count
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_mean, grad_scale, grad_count):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "normdecouple's synchronised batch norm does not support higher-order gradients "
+                "(backward with create_graph=True, e.g. a gradient penalty): its backward sums over the "
+                "process group. Train that model with the unsynchronised layers (revert_sync_batchnorm) or "
+                "compute the penalty on a model copy in eval mode"
+            )
         x, weight, mean, scale, inv_std, lowp_mean, threshold = ctx.saved_tensors
         acc = inv_std.dtype
         channels = x.shape[1]
@@ -298,9 +268,9 @@ def _input_grad(ctx, x, grad_y, weight, mean, scale, inv_std, lowp_mean, thresho
     zeros = torch.zeros(channels, dtype=acc, device=x.device)
     local = [sum_dy, sum_dy_xhat]
     if not empty:
-        view = _canonical(x, ctx.channels_last)
+        view = canonical(x, ctx.channels_last)
         dev_mean = mean if lowp_mean is None else lowp_mean
-    if ctx.norm == "l1":
+    if ctx.norm is Norm.L1:
         sign = None if empty else (view - dev_mean[:, None]).sign_()
         local.append(zeros if empty else sign.sum(dim=(0, 2), dtype=acc))
     else:
@@ -323,29 +293,24 @@ def _input_grad(ctx, x, grad_y, weight, mean, scale, inv_std, lowp_mean, thresho
         return torch.zeros_like(x)
     totals = packed.view(-1, channels).to(acc)
     gamma = torch.ones_like(inv_std) if weight is None else weight.to(acc)
-    mean_g = gamma * totals[0] / count
-    mean_g_xhat = gamma * totals[1] / count
-    ratio = scale * inv_std
-    if ctx.norm == "l1":
-        coef = -ratio * inv_std * mean_g_xhat * L1_SCALE
-        mean_u = totals[2] / count
+    if ctx.norm is Norm.L1:
+        sum_u = totals[2]
     else:
-        coef = -ratio * inv_std * mean_g_xhat * (count / (k * _topk_constant(count, k)))
         n_tied, tied_sign_sum = totals[2], totals[3]
         n_above, above_sign_sum = (totals[4], totals[5]) if k > 1 else (zeros, zeros)
         # No tied value anywhere means t = 0 and no scale gradient: any finite share will do.
         share = (k - n_above) / n_tied.clamp(min=1)
-        mean_u = (share * tied_sign_sum + above_sign_sum) / count
-    offset = -(mean_g * inv_std) - coef * mean_u
-    dy = _canonical(grad_y, ctx.channels_last)
-    if ctx.norm == "l1":
-        grad_x = torch.addcmul(offset[:, None], sign.to(acc), coef[:, None])
-        grad_x.addcmul_(dy, (gamma * inv_std)[:, None])
+        sum_u = share * tied_sign_sum + above_sign_sum
+    coef, offset = input_grad_coefficients(totals[0], totals[1], sum_u, gamma, scale, inv_std, count,
+                                           scale_factor(ctx.norm, count, k))
+    dy = canonical(grad_y, ctx.channels_last)
+    if ctx.norm is Norm.L1:
+        grad_x = input_grad(dy, sign.to(acc), gamma, inv_std, coef, offset)
     else:
         grad_x = torch.addcmul(offset[:, None], dy, (gamma * inv_std)[:, None])
         u_selected = sign_selected * torch.where(above, 1.0, share[channel])
         grad_x.index_put_(index, coef[channel] * u_selected, accumulate=True)
-    return _uncanonical(grad_x, x.shape, ctx.channels_last).to(x.dtype)
+    return uncanonical(grad_x, x.shape, ctx.channels_last).to(x.dtype)
 
 
 _NO_GROUP_HELP = (
@@ -367,7 +332,7 @@ class _SyncLpBatchNorm(bn.LpBatchNorm):
         # revert_sync_batchnorm's target; convert_sync_batchnorm records the class it replaced.
         self._unsync_class = self._unsync_default
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _forward_impl(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if input.shape[1] == 0:
             raise ValueError(
@@ -377,7 +342,7 @@ class _SyncLpBatchNorm(bn.LpBatchNorm):
         # As torch's SyncBatchNorm: only training is synchronised; eval (or eval with batch statistics when
         # running statistics are not tracked) is the unsynchronised layer, and so is a group of one process.
         if not self.training:
-            return super().forward(input)
+            return super()._forward_impl(input)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"{type(self).__name__} synchronises its statistics over a torch.distributed process group in "
@@ -387,10 +352,16 @@ class _SyncLpBatchNorm(bn.LpBatchNorm):
         group = dist.group.WORLD if self.process_group is None else self.process_group
         world_size = dist.get_world_size(group)
         if world_size == 1:
-            return super().forward(input)
+            return super()._forward_impl(input)
         return self._sync_forward(input, group, world_size)
 
     def _sync_forward(self, input: Tensor, group: Any, world_size: int) -> Tensor:
+        if not can_read_on_host(input):
+            raise RuntimeError(
+                f"{type(self).__name__} cannot synchronise under torch.func transforms, torch.compile/export "
+                "tracing or on meta/fake tensors (it reads the global batch size after a collective); use the "
+                "unsynchronised layers there (normdecouple.revert_sync_batchnorm(model))"
+            )
         factor = self._momentum_factor()
         track = self.track_running_stats and self.num_batches_tracked is not None
         y, mean, scale, count = SyncLpBatchNormFunction.apply(

@@ -73,6 +73,7 @@ class TritonLpBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, norm, k, low_precision):
+        norm = Norm.parse(norm)
         weight_k = None if weight is None else weight.contiguous()
         bias_k = None if bias is None else bias.contiguous()
         y, mean, scale, inv_std, threshold, sign_sum = _forward_op(
