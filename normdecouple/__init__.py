@@ -18,6 +18,14 @@ from .batchnorm import (
     LinfBatchNormNd,
     LpBatchNorm,
 )
+from .batchnorm_act import (
+    L1BatchNormAct1d,
+    L1BatchNormAct2d,
+    L1BatchNormAct3d,
+    LinfBatchNormAct1d,
+    LinfBatchNormAct2d,
+    LinfBatchNormAct3d,
+)
 from .convert import convert_batchnorm, convert_sync_batchnorm, revert_batchnorm, revert_sync_batchnorm
 from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm
 from .optim import NormScaledLR, WeightNormProjection
@@ -36,6 +44,12 @@ __all__ = [
     "LinfBatchNorm3d",
     "L1BatchNormNd",
     "LinfBatchNormNd",
+    "L1BatchNormAct1d",
+    "L1BatchNormAct2d",
+    "L1BatchNormAct3d",
+    "LinfBatchNormAct1d",
+    "LinfBatchNormAct2d",
+    "LinfBatchNormAct3d",
     "convert_batchnorm",
     "revert_batchnorm",
     "SyncL1BatchNorm",

@@ -1,0 +1,413 @@
+r"""L1/L∞ batch norm fused with an activation that saves its output instead of its input.
+
+The block ``conv -> BatchNorm -> ReLU`` keeps two activation-sized tensors for torch's backward: the
+BatchNorm's input and the ReLU's output. The next convolution keeps the ReLU's output anyway. For L2 batch
+norm the input is needed everywhere (its backward needs x_hat at every value), which is why InPlace-ABN has to
+invert a leaky ReLU. L1 and L∞ need much less (notation of :mod:`normdecouple.stats`; z = BN(x) + r is the
+activation's input, r the optional residual, dz = dL/dz):
+
+.. math::
+
+    dx = dz \cdot \gamma / s_e + \text{offset} + \text{coef} \cdot u, \qquad
+    \text{coef}, \text{offset} \text{ from } \textstyle\sum dz,\ \sum dz\,\hat x,\ \sum u
+
+* dz = dL/dy * act'(z), and act' is read from the saved output (``y > 0`` iff ``z > 0``, for ReLU and for a
+  leaky ReLU with a positive slope);
+* sum(dz x_hat) needs x_hat only where dz != 0, i.e. where the activation passes the gradient: there
+  z is recovered from y (``z = y``, or ``y / slope`` for the leaky part) and
+  ``sum(dz x_hat) = (sum(dz (z - r)) - beta sum(dz)) / gamma``;
+* u is sign(d) for L1 (one bit per value, packed 8 per ``uint8``) and, for L∞, sign(d) at the k positions of
+  the largest |d| per channel (saved as ``(C, k)`` positions and signs).
+
+So the Function saves: the output y (the next layer's saved input: the same storage), the residual (the block's
+input, saved by the block's first convolution: the same storage), the per-channel vectors, and the bits or the
+top-k positions. Nothing activation-sized of the input.
+
+**Channels that keep their input.** Recovery divides by gamma and subtracts beta and the residual, so it loses
+about ``u_dtype * (|beta| + max|r|) / |gamma|`` of x_hat (u_dtype the unit roundoff of the input dtype). A channel
+whose loss would exceed :func:`recovery_limit` (every gamma = 0 channel, tiny gammas, in fp16/bf16 a channel with
+``(|beta| + max|r|) > 4 |gamma|``) keeps its input values instead, and its gradient is computed from them
+exactly as the unfused layer does; so do L1 channels with a deviation of exactly 0 (sign 0 has no bit) and L∞
+channels tied at the k-th place (the tie rule spreads over more than k values). Such channels are found in the
+forward (one host sync) and cost their own size in memory; typical channels cost 1 bit per value.
+
+Double backward needs the input: with ``keep_input=True`` the Function also saves it and ``create_graph=True``
+differentiates :func:`~normdecouple._torch_backend.differentiable_batch_norm`; otherwise ``create_graph=True``
+is a ``RuntimeError`` naming the fix. ``torch.func`` transforms, forward-mode AD and ``torch.compile`` take the
+unfused path (correct, without the memory saving).
+
+References: arXiv:1803.01814; Rota Bulò, Porzi, Kontschieder, In-Place Activated BatchNorm, arXiv:1712.02616.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as F_nd
+from ._torch_backend import _forward_full, _forward_lowp, differentiable_batch_norm
+from .stats import (
+    Norm,
+    accumulate_dtype,
+    canonical,
+    channel_major,
+    input_grad,
+    input_grad_coefficients,
+    is_channels_last,
+    linf_tie_weights,
+    scale_factor,
+    uncanonical,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "RECOVERY_TOLERANCE",
+    "HALF_MAX_GAIN",
+    "recovery_limit",
+    "LpBatchNormActFunction",
+    "lp_batch_norm_act",
+    "activate",
+    "validate_activation",
+    "pack_bits",
+    "unpack_bits",
+]
+
+#: Accepted values of ``activation``.
+ACTIVATIONS = ("relu", "leaky_relu", "identity")
+
+#: Largest error of the recovered x_hat, in units of x_hat (whose typical size is 1), that a float32/float64
+#: channel may have before it keeps its input instead: ``u * (|beta| + max|r|) + tiny >= RECOVERY_TOLERANCE *
+#: |gamma|`` keeps it (u the unit roundoff): float32 recovers channels with (|beta| + max|r|) up to 2**18 |gamma|.
+RECOVERY_TOLERANCE = 2.0**-6
+
+#: fp16/bf16: a channel is recovered only when (|beta| + max|r|) <= HALF_MAX_GAIN * |gamma|, so that the
+#: recovered x_hat is within about 5 roundings of the output (measured gradient errors within 4x the unfused
+#: layer's: tests/test_batchnorm_act.py and the README).
+HALF_MAX_GAIN = 4.0
+
+
+def recovery_limit(dtype: torch.dtype) -> float:
+    """The largest error of the recovered x_hat, relative to |gamma|, that a channel of ``dtype`` may have."""
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    if dtype in (torch.float16, torch.bfloat16):
+        return HALF_MAX_GAIN * unit_roundoff
+    return RECOVERY_TOLERANCE
+
+
+_SHIFTS_CACHE: dict[torch.device, Tensor] = {}
+
+
+def validate_activation(activation: str, negative_slope: float) -> tuple[str, float]:
+    """Check ``activation`` and ``negative_slope``; returns them.
+
+    Raises:
+        ValueError: for an unknown activation, or a leaky ReLU whose slope is not a positive finite number
+            (the recovery divides by it where the output is negative; ``"relu"`` is the slope-0 case).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"negative_slope must be a float, got {negative_slope!r}")
+    slope = float(negative_slope)
+    if activation == "leaky_relu" and not (0.0 < slope < float("inf")):
+        raise ValueError(
+            f"negative_slope must be positive and finite for activation='leaky_relu' (the input is recovered "
+            f"from the output by dividing by it), got {negative_slope!r}; use activation='relu' for a slope of 0"
+        )
+    return activation, slope
+
+
+def activate(z: Tensor, activation: str, negative_slope: float, inplace: bool = False) -> Tensor:
+    """The activation itself, as torch computes it (``F.relu`` / ``F.leaky_relu``)."""
+    if activation == "relu":
+        return torch.nn.functional.relu(z, inplace=inplace)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope, inplace=inplace)
+    return z
+
+
+def _shifts(device: torch.device) -> Tensor:
+    shifts = _SHIFTS_CACHE.get(device)
+    if shifts is None:
+        shifts = _SHIFTS_CACHE[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return shifts
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """A bool tensor as ``uint8`` bytes, 8 values per byte in memory order (``ceil(numel / 8)`` bytes)."""
+    flat = bits.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return (flat.view(-1, 8).to(torch.uint8) << _shifts(bits.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`pack_bits`: the bool tensor of ``shape``."""
+    numel = shape.numel()
+    bits = (packed[:, None] >> _shifts(packed.device)) & 1
+    return bits.view(-1)[:numel].view(shape).bool()
+
+
+def _per_channel_absmax(r: Tensor) -> Tensor:
+    dims = [0] + list(range(2, r.dim()))
+    return torch.maximum(r.amax(dim=dims).abs(), r.amin(dim=dims).abs())
+
+
+class LpBatchNormActFunction(torch.autograd.Function):
+    """Training-mode ``act(BN(x) + residual)`` for L1/L∞ that saves the output, not the input.
+
+    ``apply(x, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope, keep_input)``
+    returns ``(y, batch_mean, batch_scale)`` like :class:`~normdecouple._torch_backend.LpBatchNormFunction`
+    (the statistics without gradient; running statistics are the caller's). The output equals the unfused
+    ``act(LpBatchNormFunction(x) + residual)`` bit for bit; what is saved is described in the module docstring.
+    ``keep_input=True`` also saves ``x`` so that ``create_graph=True`` works.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope,
+                keep_input):
+        n = x.numel() // x.shape[1]
+        lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
+        forward = _forward_lowp if lowp else _forward_full
+        y, batch_mean, scale, inv_std, lowp_mean, threshold = forward(x, weight, bias, eps, norm, k, n)
+        if residual is not None:
+            y = y.add_(residual)
+        y = activate(y, activation, negative_slope, inplace=True)
+
+        acc = accumulate_dtype(x.dtype)
+        channels_last = is_channels_last(x)
+        view = canonical(x, channels_last)
+        dev_mean = batch_mean if lowp_mean is None else lowp_mean
+        # The deviations exactly as the unfused backward recomputes them (same operation, same dtypes).
+        dev = view - dev_mean[:, None]
+        gamma = torch.ones_like(inv_std) if weight is None else weight.detach().to(acc)
+        spread = torch.zeros_like(inv_std) if bias is None else bias.detach().to(acc).abs()
+        if residual is not None:
+            spread = spread + _per_channel_absmax(residual.detach()).to(acc)
+        info = torch.finfo(x.dtype)
+        poor = gamma.abs() * recovery_limit(x.dtype) <= spread * (info.eps / 2) + info.tiny
+        if norm is Norm.L1:
+            poor |= (dev == 0).any(dim=(0, 2))
+            signs = pack_bits(dev > 0)
+            positions = None
+        else:
+            rows = channel_major(dev.abs())
+            top = rows.topk(min(k + 1, n), dim=1)
+            del rows
+            if k < n:
+                kth = top.values[:, k - 1]
+                # A value tied with the k-th largest |d| shares the scale's gradient (the tie rule): not k.
+                poor |= (top.values[:, k] == kth) & (kth > 0)
+            positions = top.indices[:, :k].contiguous()
+            inner = view.shape[2]
+            channel = torch.arange(view.shape[1], device=x.device)[:, None]
+            signs = torch.sign(dev[positions // inner, channel, positions % inner]).to(torch.int8)
+        del dev
+        fallback = poor.nonzero().squeeze(1)
+        kept = view.index_select(1, fallback)
+
+        ctx.norm, ctx.k, ctx.eps, ctx.n = norm, k, eps, n
+        ctx.activation, ctx.negative_slope = activation, negative_slope
+        ctx.channels_last = channels_last
+        ctx.shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.keep_input = keep_input
+        ctx.save_for_backward(
+            y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, positions,
+            fallback, kept, x if keep_input else None,
+        )
+        ctx.mark_non_differentiable(batch_mean, scale)
+        return y, batch_mean, scale
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_scale):
+        (y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, positions,
+         fallback, kept, x) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            if not ctx.keep_input:
+                raise RuntimeError(
+                    "the fused BatchNorm + activation layer does not keep its input, which a differentiable "
+                    "backward (create_graph=True, double backward) needs; build the layer with "
+                    "double_backward=True (keeps the input, no memory saving) or use the unfused layer "
+                    "(L1BatchNorm2d/LinfBatchNorm2d followed by the activation)"
+                )
+            return _backward_with_graph(ctx, grad_y, x, weight, bias, residual)
+        return _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean,
+                         threshold, signs, positions, fallback, kept)
+
+
+def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs,
+              positions, fallback, kept):
+    acc = inv_std.dtype
+    shape, channels_last = ctx.shape, ctx.channels_last
+    # grad_y in the input's layout, as the unfused backward does (bf16 reductions on mixed layouts lose bits).
+    grad_y = canonical(grad_y, channels_last)
+    out = canonical(y, channels_last)
+    positive = out > 0
+    if ctx.activation == "relu":
+        dz = torch.where(positive, grad_y, 0.0)
+    elif ctx.activation == "leaky_relu":
+        dz = torch.where(positive, grad_y, grad_y * ctx.negative_slope)
+    else:
+        dz = grad_y
+    sum_dz = dz.sum(dim=(0, 2), dtype=acc)
+    # z - r where dz != 0 (z = y where the activation passes the gradient as is; y / slope where leaky).
+    z = out.to(acc)
+    if ctx.activation == "leaky_relu":
+        z = torch.where(positive, z, z / ctx.negative_slope)
+    if residual is not None:
+        z = z - canonical(residual, channels_last).to(acc)
+    sum_dz_z = (dz.to(acc) * z).sum(dim=(0, 2))
+    del z
+    gamma = torch.ones_like(inv_std) if weight is None else weight.to(acc)
+    beta = torch.zeros_like(inv_std) if bias is None else bias.to(acc)
+    sum_dz_xhat = (sum_dz_z - beta * sum_dz) / gamma
+
+    n, k = ctx.n, ctx.k
+    if ctx.norm is Norm.L1:
+        u = torch.where(unpack_bits(signs, out.shape), 1.0, -1.0).to(acc)
+        sum_u = u.sum(dim=(0, 2))
+    else:
+        u = None
+        sum_u = signs.sum(dim=1, dtype=acc)
+
+    any_fallback = fallback.numel() > 0
+    if any_fallback:
+        # Channels that kept their input: x_hat and u from it, exactly as the unfused backward.
+        dz_f = dz.index_select(1, fallback)
+        xhat_f = (kept.to(acc) - batch_mean[fallback][:, None]) * inv_std[fallback][:, None]
+        sum_dz_xhat = sum_dz_xhat.index_copy(0, fallback, (dz_f.to(acc) * xhat_f).sum(dim=(0, 2)))
+        del xhat_f
+        dev_mean = batch_mean if lowp_mean is None else lowp_mean
+        dev_f = kept - dev_mean[fallback][:, None]
+        u_f = dev_f.sign().to(acc)
+        if ctx.norm is Norm.LINF:
+            u_f = u_f * linf_tie_weights(dev_f.abs(), threshold[fallback], k, (0, 2))
+        del dev_f
+        sum_u = sum_u.index_copy(0, fallback, u_f.sum(dim=(0, 2)))
+
+    factor = scale_factor(ctx.norm, n, k)
+    coef, offset = input_grad_coefficients(sum_dz, sum_dz_xhat, sum_u, gamma, scale, inv_std, n, factor)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        if u is not None:
+            grad_x = input_grad(dz, u, gamma, inv_std, coef, offset)
+        else:
+            grad_x = torch.addcmul(offset[:, None], dz, (gamma * inv_std)[:, None])
+            inner = grad_x.shape[2]
+            channel = torch.arange(grad_x.shape[1], device=grad_x.device)[:, None].expand_as(positions)
+            grad_x.index_put_((positions // inner, channel, positions % inner), coef[:, None] * signs.to(acc),
+                              accumulate=True)
+        if any_fallback:
+            part = input_grad(dz_f, u_f, gamma[fallback], inv_std[fallback], coef[fallback], offset[fallback])
+            grad_x.index_copy_(1, fallback, part)
+        grad_x = uncanonical(grad_x, shape, channels_last).to(ctx.x_dtype)
+    grad_w = sum_dz_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    grad_b = sum_dz.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+    grad_r = None
+    if ctx.residual_dtype is not None and ctx.needs_input_grad[3]:
+        grad_r = uncanonical(dz.contiguous(), shape, channels_last).to(ctx.residual_dtype)
+    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
+
+
+def _backward_with_graph(ctx, grad_y, x, weight, bias, residual):
+    """``create_graph=True``: recompute ``act(BN(x) + r)`` differentiably from the kept input."""
+    with torch.enable_grad():
+        y, _, _ = differentiable_batch_norm(x, weight, bias, ctx.eps, ctx.norm, ctx.k)
+        if residual is not None:
+            y = y + residual
+        y = activate(y, ctx.activation, ctx.negative_slope)
+        slots = [(i, t) for i, t in enumerate((x, weight, bias, residual))
+                 if t is not None and ctx.needs_input_grad[i]]
+        grads: list[Tensor | None] = [None] * 4
+        if slots:
+            found = torch.autograd.grad(y, [t for _, t in slots], grad_y, create_graph=True, allow_unused=True)
+            for (i, t), g in zip(slots, found):
+                grads[i] = torch.zeros_like(t) if g is None else g
+    return tuple(grads) + (None,) * 7
+
+
+def _check_residual(input: Tensor, residual: Tensor | None) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}; "
+            "the fused layer computes act(BN(input) + residual) without broadcasting"
+        )
+    if residual.dtype != input.dtype or residual.device != input.device:
+        raise TypeError(
+            f"residual must have the input's dtype and device ({input.dtype}, {input.device}), got "
+            f"({residual.dtype}, {residual.device}); convert it with residual.to(input)"
+        )
+
+
+def _unfusable(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None) -> bool:
+    """Whether the memory-saving Function cannot serve this call (it then runs unfused, with the same values)."""
+    if torch.compiler.is_compiling():
+        return True
+    if F_nd._needs_differentiable_path(input, weight):
+        return True
+    if F_nd._needs_differentiable_path(residual if residual is not None else input, bias):
+        return True
+    return False
+
+
+def lp_batch_norm_act(
+    input: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    norm: Norm,
+    k: int,
+    low_precision: bool,
+    backend: str,
+    activation: str,
+    negative_slope: float,
+    keep_input: bool = False,
+) -> Tensor:
+    """``act(batch_norm(input) + residual)`` with the arguments of the functional batch norms.
+
+    Training with a non-empty batch runs :class:`LpBatchNormActFunction` (on every backend: the fused
+    Function is written in torch ops; the Triton kernels serve the unfused layers only). Everything else
+    (eval, empty batches, ``torch.func``, forward-mode AD, ``torch.compile``) runs the unfused batch norm of
+    :mod:`normdecouple.functional` followed by the activation: the same values and gradients.
+    """
+    _check_residual(input, residual)
+    fused = training and input.dim() >= 2 and input.numel() > 0 and not _unfusable(input, weight, bias, residual)
+    if not fused:
+        y = F_nd._lp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, norm, k,
+                                low_precision, backend)
+        if residual is not None:
+            y = y + residual
+        return activate(y, activation, negative_slope)
+    # The checks of the unfused path, in its order and words.
+    F_nd.validate_backend(backend)
+    F_nd._check_input(input, running_mean, running_var, weight, bias)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    F_nd._verify_batch_size(input)
+    F_nd._select_function(input, backend)  # its errors (backend="triton" where it cannot run)
+    count = input.numel() // input.shape[1]
+    if norm is Norm.LINF and k > count:
+        raise ValueError(
+            f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
+            f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
+        )
+    y, batch_mean, batch_scale = LpBatchNormActFunction.apply(
+        input, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope, keep_input
+    )
+    if running_mean is not None:
+        F_nd.update_running_stats(running_mean, running_var, batch_mean, batch_scale, count, momentum)
+    return y
