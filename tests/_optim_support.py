@@ -2,20 +2,8 @@
 
 import copy
 
-import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: threads gain nothing, and on a busy 2-core machine a parallel region waiting for a
-    # descheduled thread costs a scheduler quantum per op (seconds per test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 F64 = torch.float64
 EPS = 1e-300

@@ -23,13 +23,19 @@ def _order_statistics_integral(n: int, k: int) -> float:
 
 @pytest.mark.parametrize("n,k", [(2, 1), (3, 2), (7, 1), (10, 3), (50, 7), (64, 63), (100, 1)])
 def test_matches_order_statistics_integral(n, k):
-    assert topk_constant(n, k) == pytest.approx(_order_statistics_integral(n, k), rel=1e-9)
+    # Measured differences are at most ~4e-14 (the trapezoid reference's own error included).
+    assert topk_constant(n, k) == pytest.approx(_order_statistics_integral(n, k), rel=1e-13)
 
 
 def test_closed_forms():
     # E max(|Z1|, |Z2|) = 2 / sqrt(pi); the mean of all n values has expectation E|Z| = sqrt(2 / pi).
     assert topk_constant(2, 1) == pytest.approx(2.0 / math.sqrt(math.pi), rel=1e-12)
-    assert topk_constant(37, 37) == pytest.approx(1.0 / L1_SCALE, rel=1e-15)
+    # k = n: the mean of all n values has expectation E|Z| = sqrt(2 / pi); checked against the direct sum of
+    # the 37 order statistics (each a trapezoid integral, hence the looser tolerance), not against the shortcut.
+    assert topk_constant(37, 37) == pytest.approx(_order_statistics_integral(37, 37), rel=1e-9)
+    assert _order_statistics_integral(37, 37) == pytest.approx(1.0 / L1_SCALE, rel=1e-9)
+    # Next to the shortcut, the general quadrature must agree with the order statistics too.
+    assert topk_constant(37, 36) == pytest.approx(_order_statistics_integral(37, 36), rel=1e-13)
     # The mean of the top half is E[|Z| | |Z| > median] = 2 phi(m) / (1/2), m the half-normal median.
     m = 0.6744897501960817
     expected = 2.0 * math.exp(-0.5 * m * m) / math.sqrt(2.0 * math.pi) / 0.5
@@ -56,14 +62,17 @@ def test_monotone_and_large_n():
 
 
 def test_scale_estimates_biased_std():
-    # PAPER.md §2: top-k mean / c(n, k) estimates sqrt((n-1)/n) sigma, within 0.2% for n >= 16, k in {1, 4}.
+    # PAPER.md §2: top-k mean / c(n, k) estimates sqrt((n-1)/n) sigma, within 0.2% for n >= 16, k in {1, 4}:
+    # the bias is asserted at 0.2% plus five standard errors of this Monte Carlo mean.
     gen = torch.Generator().manual_seed(7)
     n, trials, sigma = 64, 20000, 3.0
     x = sigma * torch.randn(trials, n, generator=gen, dtype=torch.float64)
     d = (x - x.mean(dim=1, keepdim=True)).abs()
     for k in (1, 4):
         s = d.topk(k, dim=1).values.mean(dim=1) / topk_constant(n, k)
-        assert s.mean().item() == pytest.approx(sigma * math.sqrt((n - 1) / n), rel=0.004)
+        target = sigma * math.sqrt((n - 1) / n)
+        stderr = s.std().item() / math.sqrt(trials)
+        assert abs(s.mean().item() - target) <= 0.002 * target + 5 * stderr
 
 
 def test_cached():

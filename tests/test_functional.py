@@ -9,16 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normdecouple._reference import reference_batch_norm
+import normdecouple.functional as functional
 from normdecouple.functional import l1_batch_norm, linf_batch_norm
 
 # (norm, k) cases: the L1 scale, the plain maximum and a top-k mean.
 NORMS = [("l1", 1), ("linf", 1), ("linf", 3)]
-# (dtype, atol, rtol): float32 loses ~1e-6 relative per op over a few reductions; half precision inputs are
-# compared after one rounding of the output to 11 (fp16) or 8 (bf16) significant bits.
-TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 2e-4), torch.float16: (4e-3, 4e-3),
-              torch.bfloat16: (3e-2, 3e-2)}
-
-
 def _fn(norm, k):
     if norm == "l1":
         return lambda *a, **kw: l1_batch_norm(*a, **kw)
@@ -48,48 +43,6 @@ def test_gradcheck(norm, k, affine, training):
     assert torch.autograd.gradcheck(run, inputs)
 
 
-def _reference_run(x, norm, k, weight, bias, rm, rv, momentum, grad):
-    x64 = x.detach().to(torch.float64).requires_grad_()
-    w64 = None if weight is None else weight.detach().to(torch.float64).requires_grad_()
-    b64 = None if bias is None else bias.detach().to(torch.float64).requires_grad_()
-    rm64, rv64 = rm.to(torch.float64), rv.to(torch.float64)
-    y = reference_batch_norm(x64, rm64, rv64, w64, b64, True, momentum, 1e-5, norm=norm, k=k)
-    leaves = [x64] + [t for t in (w64, b64) if t is not None]
-    grads = torch.autograd.grad(y, leaves, grad.to(torch.float64))
-    return y, rm64, rv64, grads
-
-
-def _our_run(x, norm, k, weight, bias, rm, rv, momentum, grad, low_precision=False):
-    xt = x.detach().clone().requires_grad_()
-    wt = None if weight is None else weight.detach().clone().requires_grad_()
-    bt = None if bias is None else bias.detach().clone().requires_grad_()
-    y = _fn(norm, k)(xt, rm, rv, wt, bt, training=True, momentum=momentum, low_precision=low_precision)
-    leaves = [xt] + [t for t in (wt, bt) if t is not None]
-    grads = torch.autograd.grad(y, leaves, grad)
-    return y, grads
-
-
-def check_against_reference(x, norm, k, affine=True, momentum=0.1, low_precision=False, tol=None):
-    c = x.shape[1]
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weight = torch.empty(c, dtype=x.dtype).uniform_(0.5, 1.5) if affine else None
-    bias = torch.randn(c, dtype=x.dtype) if affine else None
-    rm, rv = torch.randn(c, dtype=stat_dtype), torch.rand(c, dtype=stat_dtype) + 0.5
-    grad = torch.randn(x.shape, dtype=x.dtype)
-    y64, rm64, rv64, ref_grads = _reference_run(x, norm, k, weight, bias, rm.clone(), rv.clone(), momentum, grad)
-    y, grads = _our_run(x, norm, k, weight, bias, rm, rv, momentum, grad, low_precision)
-    atol, rtol = tol or TOLERANCES[x.dtype]
-    assert y.dtype == x.dtype and y.shape == x.shape
-    torch.testing.assert_close(y.to(torch.float64), y64, atol=atol, rtol=rtol)
-    torch.testing.assert_close(rm.to(torch.float64), rm64, atol=atol, rtol=rtol)
-    torch.testing.assert_close(rv.to(torch.float64), rv64, atol=atol, rtol=rtol)
-    for ours, ref in zip(grads, ref_grads):
-        assert ours.dtype == x.dtype
-        scale = ref.abs().max().item() + 1.0
-        torch.testing.assert_close(ours.to(torch.float64), ref, atol=atol * scale, rtol=rtol)
-    return y
-
-
 @pytest.mark.parametrize("norm,k", NORMS)
 @pytest.mark.parametrize(
     "shape",
@@ -103,19 +56,19 @@ def check_against_reference(x, norm, k, affine=True, momentum=0.1, low_precision
         (9, 2, 33, 17),  # more values per channel than a small block
     ],
 )
-def test_matches_reference_float32(norm, k, shape):
+def test_matches_reference_float32(norm, k, shape, check_against_reference):
     if norm == "linf" and k > math.prod(shape) // shape[1]:
         pytest.skip("k exceeds the values per channel of this shape (tested in test_k_larger_than_n)")
     check_against_reference(torch.randn(shape), norm, k)
 
 
 @pytest.mark.parametrize("norm,k", NORMS)
-def test_matches_reference_float64_no_affine_momentum_one(norm, k):
+def test_matches_reference_float64_no_affine_momentum_one(norm, k, check_against_reference):
     check_against_reference(torch.randn(4, 3, 5, 5, dtype=torch.float64), norm, k, affine=False, momentum=1.0)
 
 
 @pytest.mark.parametrize("norm,k", NORMS)
-def test_channels_last_and_noncontiguous(norm, k):
+def test_channels_last_and_noncontiguous(norm, k, check_against_reference):
     base = torch.randn(4, 6, 5, 7)
     y_cl = check_against_reference(base.to(memory_format=torch.channels_last), norm, k)
     assert y_cl.is_contiguous(memory_format=torch.channels_last)
@@ -128,13 +81,13 @@ def test_channels_last_and_noncontiguous(norm, k):
 
 @pytest.mark.parametrize("norm,k", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_float32_statistics(norm, k, dtype):
+def test_half_inputs_float32_statistics(norm, k, dtype, check_against_reference):
     check_against_reference(torch.randn(4, 3, 6, 5).to(dtype), norm, k)
 
 
 @pytest.mark.parametrize("norm,k", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_matches_reference(norm, k, dtype):
+def test_low_precision_matches_reference(norm, k, dtype, check_against_reference):
     check_against_reference(torch.randn(4, 3, 6, 5).to(dtype), norm, k, low_precision=True)
 
 
@@ -285,22 +238,33 @@ def test_bad_k(k, error, match):
     ],
 )
 def test_bad_backend(backend, triton_importable, match, monkeypatch):
-    import normdecouple.functional as functional
-
     monkeypatch.setattr(functional, "_triton_available", lambda: triton_importable)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=match):
         l1_batch_norm(torch.randn(4, 3), None, None, training=True, backend=backend)
 
 
-def test_backend_torch_and_auto_agree():
-    x = torch.randn(4, 3, 5)
-    torch.testing.assert_close(
-        l1_batch_norm(x, None, None, training=True, backend="torch"),
-        l1_batch_norm(x, None, None, training=True, backend="auto"),
-        rtol=0,
-        atol=0,
-    )
+@pytest.mark.parametrize("triton_importable", [True, False])
+def test_auto_dispatch_picks_the_backend_by_device(monkeypatch, triton_importable):
+    # "auto": the Triton kernels for CUDA tensors when Triton imports, the PyTorch path otherwise. A fake CUDA
+    # tensor (FakeTensorMode needs no GPU) exercises the CUDA branch of the dispatch without running anything.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from normdecouple._torch_backend import LpBatchNormFunction
+
+    monkeypatch.setattr(functional, "_triton_available", lambda: triton_importable)
+    assert functional._select_function(torch.randn(4, 3), "auto") is LpBatchNormFunction
+    assert functional._select_function(torch.randn(4, 3), "torch") is LpBatchNormFunction
+    with FakeTensorMode():
+        cuda_input = torch.empty(4, 3, device="cuda")
+    chosen = functional._select_function(cuda_input, "auto")
+    assert functional._select_function(cuda_input, "torch") is LpBatchNormFunction
+    if triton_importable:
+        from normdecouple._triton import TritonLpBatchNormFunction
+
+        assert chosen is TritonLpBatchNormFunction
+    else:
+        assert chosen is LpBatchNormFunction
 
 
 @settings(max_examples=30, deadline=None)
@@ -313,7 +277,7 @@ def test_backend_torch_and_auto_agree():
     channels_last=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_property_any_shape_matches_reference(n, c, spatial, k, norm, channels_last, seed):
+def test_property_any_shape_matches_reference(n, c, spatial, k, norm, channels_last, seed, check_against_reference):
     shape = (n, c, *spatial)
     count = math.prod(shape) // c
     if norm == "linf" and k > count:

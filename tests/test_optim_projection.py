@@ -17,7 +17,10 @@ import normdecouple as nd
 from normdecouple.optim import WeightNormProjection
 
 
-from _optim_support import EPS, F64, INVARIANT, _batches, _net, _one_thread, _scaled  # noqa: F401
+from _optim_support import EPS, F64, INVARIANT, _batches, _net, _scaled  # noqa: F401
+
+# Tiny models: one intra-op thread (the shared fixture in conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _step(model, opt, x, y):

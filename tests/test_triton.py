@@ -36,14 +36,6 @@ DEVICES = [
 ]
 # (norm, k): the L1 scale, the plain maximum, and a top-k mean (k = 3 is padded to 4 candidates per row).
 NORMS = [("l1", 1), ("linf", 1), ("linf", 3)]
-# (dtype, atol, rtol) against float64, statistics in float32: float32 loses ~1e-6 relative per op over a few
-# reductions; half inputs are compared after one rounding of the output to 11 (fp16) or 8 (bf16) bits.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 2e-4),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
 # low_precision=True: the statistics themselves are rounded at every step in the input dtype (log2(n) levels of
 # the pairwise mean), so the tolerance is a few ulps of the input dtype rather than one.
 LOW_PRECISION_TOLERANCES = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
@@ -53,43 +45,6 @@ def _norm_fn(norm, k):
     if norm == "l1":
         return functional.l1_batch_norm
     return lambda *a, **kw: functional.linf_batch_norm(*a, k=k, **kw)
-
-
-def _run(fn, x, weight, bias, grad, **kw):
-    """y, running mean/var after one step with momentum 1 (the batch statistics), and the input/param grads."""
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = x.shape[1]
-    rm = torch.zeros(c, dtype=stat_dtype, device=x.device)
-    rv = torch.ones(c, dtype=stat_dtype, device=x.device)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
-    y = fn(leaves[0], rm, rv, leaves[1], leaves[2], training=True, momentum=1.0, **kw)
-    grads = torch.autograd.grad(y, leaves, grad)
-    return y, rm, rv, grads
-
-
-def check_against_reference(x, norm, k, tol=None, low_precision=False):
-    """Triton forward, batch statistics and all gradients against the float64 reference."""
-    c = x.shape[1]
-    weight = torch.empty(c, device=x.device).uniform_(0.5, 1.5)
-    bias = torch.randn(c, device=x.device)
-    grad = torch.randn(x.shape, device=x.device).to(x.dtype)
-    ours = _run(_norm_fn(norm, k), x, weight, bias, grad, backend="triton", low_precision=low_precision)
-    ref = _run(
-        lambda *a, **kw: reference_batch_norm(*a, norm=norm, k=k, **kw),
-        x.double(), weight.double(), bias.double(), grad.double(),
-    )
-    atol, rtol = tol or TOLERANCES[x.dtype]
-    y = ours[0]
-    assert y.dtype == x.dtype and y.shape == x.shape
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        assert y.stride() == x.stride()  # the output keeps the input's layout
-    for got, want in zip(ours[:3], ref[:3]):
-        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
-    for got, want in zip(ours[3], ref[3]):
-        # Gradients are sums over the channel: compared relative to their largest entry.
-        scale = want.abs().max().item() + 1.0
-        torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol)
-    return y
 
 
 # Shapes with the reason for each (interpreter tiles: 16 values per block, persistent kernel up to n = 16).
@@ -106,46 +61,46 @@ SHAPES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,k", NORMS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_float32_matches_reference(device, norm, k, shape):
+def test_float32_matches_reference(device, norm, k, shape, check_against_reference):
     if norm == "linf" and k > math.prod(shape) // shape[1]:
         pytest.skip("k exceeds the values per channel")
-    check_against_reference(torch.randn(shape, device=device), norm, k)
+    check_against_reference(torch.randn(shape, device=device), norm, k, backend="triton", param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,k", NORMS)
 @pytest.mark.parametrize("shape", [(4, 3, 2, 2), (5, 6, 3, 4)])  # persistent kernel; 2-D grid with 4-channel tiles
-def test_channels_last(device, norm, k, shape):
+def test_channels_last(device, norm, k, shape, check_against_reference):
     x = torch.randn(shape, device=device).to(memory_format=torch.channels_last)
-    y = check_against_reference(x, norm, k)
+    y = check_against_reference(x, norm, k, backend="triton", param_dtype=torch.float32)
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_channels_last_3d_and_sliced_input(device):
+def test_channels_last_3d_and_sliced_input(device, check_against_reference):
     # channels_last_3d is read in place like channels_last; a cropped width has no (A, C, B) view and is copied once.
     check_against_reference(torch.randn(2, 4, 3, 2, 3, device=device).to(memory_format=torch.channels_last_3d),
-                            "linf", 3)
+                            "linf", 3, backend="triton", param_dtype=torch.float32)
     sliced = torch.randn(4, 6, 5, 9, device=device)[:, ::2, :, 1:8]
     assert launch._layout(sliced) is None
-    check_against_reference(sliced, "l1", 1)
+    check_against_reference(sliced, "l1", 1, backend="triton", param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,k", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 3, 2, 2), (5, 3, 3, 4)])
-def test_half_inputs_float32_statistics(device, norm, k, dtype, shape):
-    check_against_reference(torch.randn(shape, device=device).to(dtype), norm, k)
+def test_half_inputs_float32_statistics(device, norm, k, dtype, shape, check_against_reference):
+    check_against_reference(torch.randn(shape, device=device).to(dtype), norm, k, backend="triton", param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,k", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 3, 2, 2), (6, 2, 6, 5)])
-def test_low_precision_matches_reference(device, norm, k, dtype, shape):
+def test_low_precision_matches_reference(device, norm, k, dtype, shape, check_against_reference):
     x = torch.randn(shape, device=device).to(dtype)
-    check_against_reference(x, norm, k, tol=LOW_PRECISION_TOLERANCES[dtype], low_precision=True)
+    check_against_reference(x, norm, k, tol=LOW_PRECISION_TOLERANCES[dtype], low_precision=True, backend="triton", param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -257,12 +212,12 @@ def test_constant_channel_has_finite_output_and_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_large_k_takes_the_host_topk(device, monkeypatch):
+def test_large_k_takes_the_host_topk(device, monkeypatch, check_against_reference):
     # k beyond the kernels' register top-k takes its statistics from torch.topk; everything else stays in Triton.
     monkeypatch.setattr(launch, "MAX_KERNEL_K", 2)
-    check_against_reference(torch.randn(5, 3, 3, 4, device=device), "linf", 3)
+    check_against_reference(torch.randn(5, 3, 3, 4, device=device), "linf", 3, backend="triton", param_dtype=torch.float32)
     x = torch.randn(5, 3, 3, 4, device=device).to(torch.float16)
-    check_against_reference(x, "linf", 3, tol=LOW_PRECISION_TOLERANCES[torch.float16], low_precision=True)
+    check_against_reference(x, "linf", 3, tol=LOW_PRECISION_TOLERANCES[torch.float16], low_precision=True, backend="triton", param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -364,11 +319,11 @@ GPU_SHAPES = [(32, 64, 28, 28), (8, 256, 7, 7), (64, 3, 64, 64), (2, 2048, 1, 1)
 @pytest.mark.parametrize("norm,k", NORMS + [("linf", 8)])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gpu_large_shapes(norm, k, shape, channels_last):
+def test_gpu_large_shapes(norm, k, shape, channels_last, check_against_reference):
     x = torch.randn(shape, device="cuda")
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    check_against_reference(x, norm, k)
-    check_against_reference(x.to(torch.bfloat16), norm, k)
+    check_against_reference(x, norm, k, backend="triton", param_dtype=torch.float32)
+    check_against_reference(x.to(torch.bfloat16), norm, k, backend="triton", param_dtype=torch.float32)
     check_against_reference(x.to(torch.float16), norm, k, tol=LOW_PRECISION_TOLERANCES[torch.float16],
-                            low_precision=True)
+                            low_precision=True, backend="triton", param_dtype=torch.float32)

@@ -11,14 +11,8 @@ from torch.nn.utils import parametrize
 from normdecouple import bounded_weight_norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: threads gain nothing, and on a busy 2-core machine a parallel region waiting for a
-    # descheduled thread costs a scheduler quantum per op (seconds per test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread (the shared fixture in conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 F64 = torch.float64
