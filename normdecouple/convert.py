@@ -93,7 +93,9 @@ _TO_SYNC: dict[type[LpBatchNorm], type[LpBatchNorm]] = {
 _SYNC_CLASSES = (SyncL1BatchNorm, SyncLinfBatchNorm)
 # Constructor arguments of our layer families: set by the converter from its own arguments, so a source of
 # ours does not carry them over as extra attributes (a reverted torch layer has no `backend`).
-_OWN_ATTRIBUTES = frozenset({"low_precision", "backend", "k", "process_group", "_unsync_class"})
+_OWN_ATTRIBUTES = frozenset({"low_precision", "backend", "k", "process_group", "_unsync_class",
+                             # the fused BatchNorm + activation layers' (normdecouple.batchnorm_act, fuse)
+                             "activation", "negative_slope", "double_backward", "_fused_from"})
 # The hook dictionaries every nn.Module owns; moved as objects so the user's handles still remove the hooks.
 _HOOK_ATTRIBUTES = tuple(name for name in vars(nn.Module()) if "hook" in name)
 _TORCH_BASES = (nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _BatchNorm)
@@ -104,12 +106,15 @@ SUBCLASS_MODES = ("convert", "warn", "error")
 # Planning and committing: the all-or-nothing walk shared by the four converters.
 
 
-def _replace_all(root: nn.Module, decide: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+def _replace_all(root: nn.Module, decide: Callable[[str, nn.Module], nn.Module | None],
+                 undo: list[tuple[dict, str, nn.Module]] | None = None) -> nn.Module:
     """Apply ``decide(path, module) -> replacement or None`` to every distinct module, all or nothing.
 
     ``decide`` builds each replacement without touching the model (it may raise: nothing has changed yet); a
     module reached from several parents is decided once (``named_modules`` yields each module once, under the
-    first path), and its one replacement goes into every place that held it.
+    first path), and its one replacement goes into every place that held it. ``undo``, when given, receives
+    ``(children dict, name, old child)`` for every change made to the original modules, so that a caller whose
+    later step fails can put them back.
     """
     memo: dict[int, nn.Module | None] = {}
     modules = []
@@ -121,6 +126,8 @@ def _replace_all(root: nn.Module, decide: Callable[[str, nn.Module], nn.Module |
         parent = memo[id(module)] or module
         for name, child in module._modules.items():
             if child is not None and memo.get(id(child)) is not None:
+                if undo is not None and parent is module:
+                    undo.append((module._modules, name, child))
                 parent._modules[name] = memo[id(child)]
     return memo[id(root)] or root
 
@@ -327,6 +334,8 @@ def convert_batchnorm(
     low_precision: bool = False,
     backend: str = "auto",
     subclasses: str = "convert",
+    fuse_activation: bool = False,
+    example_inputs: Any = None,
     **norm_kwargs: Any,
 ) -> nn.Module:
     """Replace every torch BatchNorm (1d, 2d, 3d, ``SyncBatchNorm`` and their subclasses) by an L1 or L∞ layer.
@@ -356,6 +365,14 @@ def convert_batchnorm(
         subclasses: what to do with subclasses of torch's BatchNorm classes: ``"convert"`` (as above),
             ``"warn"`` (leave them as they are, with a warning naming each), or ``"error"``. Default:
             ``"convert"``.
+        fuse_activation: also fuse each converted layer whose output goes only into a ``ReLU``/``LeakyReLU``
+            module with that activation (``L1BatchNormAct*d``/``LinfBatchNormAct*d``, which save their output
+            instead of their input: see :func:`normdecouple.fuse.fuse_activations` for which pairs qualify); the
+            activation becomes an identity only when it has no other use. ``revert_batchnorm`` undoes it.
+            Default: ``False``.
+        example_inputs: with ``fuse_activation``, inputs of one forward (a tensor or a tuple) used to find
+            pairs beyond ``nn.Sequential`` adjacency (e.g. a module calling ``self.bn`` then ``self.act``); the
+            buffers are restored after it. Default: ``None`` (``nn.Sequential`` adjacency only).
         **norm_kwargs: extra arguments of the norm's layers: ``k`` for ``"linf"``.
 
     Returns:
@@ -453,7 +470,24 @@ def convert_batchnorm(
         target.__class__ = _lp_subclass(cls, ours)
         return _transplant(source, target, _stats_dtype_widened(source))
 
-    return _replace_all(module, decide)
+    if not isinstance(fuse_activation, bool):
+        raise TypeError(f"fuse_activation must be a bool, got {fuse_activation!r}")
+    if example_inputs is not None and not fuse_activation:
+        raise ValueError("convert_batchnorm: example_inputs is only used with fuse_activation=True; pass both or "
+                         "neither")
+    undo: list[tuple[dict, str, nn.Module]] = []
+    converted = _replace_all(module, decide, undo)
+    if fuse_activation:
+        from .fuse import fuse_activations
+
+        try:
+            converted = fuse_activations(converted, example_inputs)
+        except BaseException:
+            # fuse_activations changes nothing when it fails: restoring the children undoes the conversion.
+            for children, name, child in reversed(undo):
+                children[name] = child
+            raise
+    return converted
 
 
 def _all_subclasses(cls: type) -> set[type]:
@@ -480,7 +514,9 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
     the model exports wherever torch's BatchNorm does (TorchScript, ONNX, folding into convolutions).
     ``L1BatchNorm{1,2,3}d``/``LinfBatchNorm{1,2,3}d`` become ``BatchNorm{1,2,3}d``; the any-rank layers made from
     ``SyncBatchNorm`` and the synchronised layers become ``SyncBatchNorm``; a converted subclass becomes the
-    user's class again (with its attributes). Everything else is kept as in :func:`convert_batchnorm`: the same
+    user's class again (with its attributes); a layer fused with its activation by
+    ``convert_batchnorm(..., fuse_activation=True)`` becomes torch's BatchNorm again and the activation module
+    it replaced comes back (the very object), in the same all-or-nothing step. Everything else is kept as in :func:`convert_batchnorm`: the same
     Parameter objects, buffers, hooks, parametrizations, sharing. Running statistics take the parameters' dtype
     when that is narrower (torch's BatchNorm needs them to match in half precision).
 
@@ -507,10 +543,14 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
     References: arXiv:1803.01814
     """
 
+    from .fuse import FusedActivation
+
     def decide(path: str, source: nn.Module) -> nn.Module | None:
+        if isinstance(source, FusedActivation):
+            return source.original
         if not isinstance(source, LpBatchNorm):
             return None
-        cls = _plain_class(source)
+        cls = vars(source).get("_fused_from") or _plain_class(source)
         user_class = _user_class_of(source)
         if user_class is None and cls not in _TO_TORCH:
             raise ValueError(

@@ -364,3 +364,82 @@ def test_fused_like_layers_are_left_alone_by_convert_and_named_by_revert():
     assert nd.convert_batchnorm(fused) is fused
     with pytest.raises(ValueError, match="the root module is a _FusedLike"):
         nd.revert_batchnorm(fused)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# convert_batchnorm(..., fuse_activation=True) and its revert
+
+
+class _NormThenAct(torch.nn.Module):
+    """A block that calls its norm and its activation by name (not an nn.Sequential); ``act`` is used once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.act = torch.nn.ReLU()
+        self.head = torch.nn.Sequential(torch.nn.Conv2d(6, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.LeakyReLU(0.2))
+        self.shared = torch.nn.ReLU()  # used twice: after a norm and after a residual sum, so never fused
+        self.bn2 = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.head(self.act(self.bn(self.conv(x))))
+        return self.shared(self.shared(self.bn2(h)) + h)
+
+
+def _train_outputs(model, x):
+    model.train()
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("norm,kwargs", [("l1", {}), ("linf", {"k": 3})])
+def test_fuse_activation_keeps_outputs_and_reverts_exactly(norm, kwargs):
+    torch.manual_seed(0)
+    original = _NormThenAct().double()  # float64: the fused backward recovers x_hat from y, rounding differs
+    reference = nd.convert_batchnorm(copy.deepcopy(original), norm, **kwargs)
+    model = copy.deepcopy(original)
+    act, leaky, shared = model.act, model.head[2], model.shared
+    keys = list(model.state_dict())
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    model = nd.convert_batchnorm(model, norm, fuse_activation=True, example_inputs=(x,), **kwargs)
+    assert type(model.bn).__name__.endswith("BatchNormAct2d") and type(model.head[1]).__name__.endswith("Act2d")
+    assert model.shared is shared and type(model.bn2).__name__ in ("L1BatchNorm2d", "LinfBatchNorm2d")
+    assert list(model.state_dict()) == keys
+    # The example forward left the buffers alone: the fused model trains exactly like the unfused one.
+    torch.testing.assert_close(model.state_dict(), reference.state_dict())
+    for got, expected in zip(_train_outputs(model, x), _train_outputs(reference, x)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    reverted = nd.revert_batchnorm(model.eval())
+    assert type(reverted.bn) is torch.nn.BatchNorm2d and type(reverted.head[1]) is torch.nn.BatchNorm2d
+    assert reverted.act is act and reverted.head[2] is leaky and reverted.shared is shared
+    assert list(reverted.state_dict()) == keys
+    reference.eval()
+    torch.testing.assert_close(reverted(x), reference(x), rtol=0, atol=0)
+
+
+def test_fuse_activation_without_example_inputs_uses_sequential_adjacency():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model = nd.convert_batchnorm(model, "l1", fuse_activation=True)
+    assert type(model[1]) is nd.L1BatchNormAct2d
+
+
+def test_fuse_activation_failure_leaves_the_model_as_it_was():
+    model = _NormThenAct()
+    children = {name: module for name, module in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        # A wrong input size: the followed forward fails after the conversion was planned and committed.
+        nd.convert_batchnorm(model, "l1", fuse_activation=True, example_inputs=(torch.randn(2, 5, 4, 4),))
+    assert {name: module for name, module in model.named_modules()} == children
+    assert type(model.bn) is torch.nn.BatchNorm2d
+    torch.testing.assert_close(model.state_dict(), state)
+
+
+def test_example_inputs_need_fuse_activation():
+    with pytest.raises(ValueError, match="fuse_activation=True"):
+        nd.convert_batchnorm(_NormThenAct(), "l1", example_inputs=(torch.randn(2, 3, 4, 4),))
