@@ -53,6 +53,7 @@ from .batchnorm import (
 )
 from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm
 from .functional import NORMS, validate_backend, validate_k
+from .stats import accumulate_dtype
 
 __all__ = ["convert_batchnorm", "revert_batchnorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -504,7 +505,7 @@ def _stats_dtype_widened(source: _BatchNorm) -> torch.dtype | None:
     stat = source._buffers.get("running_mean")
     if stat is None:
         return None
-    return torch.float32 if stat.dtype in (torch.float16, torch.bfloat16) else stat.dtype
+    return accumulate_dtype(stat.dtype)
 
 
 def revert_batchnorm(module: nn.Module) -> nn.Module:

@@ -55,6 +55,7 @@ from .stats import (
     accumulate_dtype,
     can_read_on_host,
     canonical,
+    computes_in_input_dtype,
     channel_major,
     input_grad,
     input_grad_coefficients,
@@ -206,7 +207,7 @@ class SyncLpBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, norm, k, low_precision, group, world_size):
         norm = Norm.parse(norm)
-        lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
+        lowp = computes_in_input_dtype(x.dtype, low_precision)
         acc = accumulate_dtype(x.dtype)
         threshold = None
         if norm is Norm.L1:

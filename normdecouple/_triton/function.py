@@ -19,14 +19,10 @@ import torch
 from torch import Tensor
 
 from .._torch_backend import backward_with_graph
-from ..stats import Norm
+from ..stats import Norm, accumulate_dtype
 from . import launch
 
 __all__ = ["TritonLpBatchNormFunction"]
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("normdecouple::triton_lp_bn_forward", mutates_args=())
@@ -39,7 +35,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(x, weight, bias, eps, norm, k, low_precision):
     c = x.shape[1]
-    acc = _stat_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     per_channel = [x.new_empty(c, dtype=acc) for _ in range(3)]
     l1 = Norm(norm) is Norm.L1
     threshold = x.new_empty(0 if l1 else c, dtype=acc)

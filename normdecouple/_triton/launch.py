@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._constants import L1_SCALE, topk_constant
-from ..stats import Norm, hypot_eps, pairwise_mean
+from ..stats import Norm, accumulate_dtype, computes_in_input_dtype, hypot_eps, pairwise_mean
 from . import kernels
 
 __all__ = ["TileConfig", "tile_config", "forward", "backward", "MAX_KERNEL_K"]
@@ -207,8 +207,8 @@ def _forward_constants(dtype: torch.dtype, norm: Norm, n: int, k: int, eps: floa
 
 def _common(x: Tensor, low_precision: bool) -> tuple[bool, torch.dtype, tl.dtype, tl.dtype, bool]:
     """(statistics in the input dtype, accumulator dtype, Triton input and accumulator dtypes, 64-bit offsets)."""
-    lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lowp = computes_in_input_dtype(x.dtype, low_precision)
+    acc = accumulate_dtype(x.dtype)
     return lowp, acc, _TL_DTYPES[x.dtype], _TL_DTYPES[acc], x.numel() >= 2**31
 
 
