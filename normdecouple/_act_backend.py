@@ -17,7 +17,7 @@ activation's input, r the optional residual, dz = dL/dz):
   z is recovered from y (``z = y``, or ``y / slope`` for the leaky part) and
   ``sum(dz x_hat) = (sum(dz (z - r)) - beta sum(dz)) / gamma``;
 * u is sign(d) for L1 (one bit per value, packed 8 per ``uint8``) and, for L∞, sign(d) at the k positions of
-  the largest |d| per channel (saved as ``(C, k)`` positions and signs).
+  the largest |d| per channel (saved as one ``(C, k)`` int32 tensor, ``(position + 1) * sign(d)``).
 
 So the Function saves: the output y (the next layer's saved input: the same storage), the residual (the block's
 input, saved by the block's first convolution: the same storage), the per-channel vectors, and the bits or the
@@ -25,8 +25,8 @@ top-k positions. Nothing activation-sized of the input.
 
 **Channels that keep their input.** Recovery divides by gamma and subtracts beta and the residual, so it loses
 about ``u_dtype * (|beta| + max|r|) / |gamma|`` of x_hat (u_dtype the unit roundoff of the input dtype). A channel
-whose loss would exceed :func:`recovery_limit` (every gamma = 0 channel, tiny gammas, in fp16/bf16 a channel with
-``(|beta| + max|r|) > 4 |gamma|``) keeps its input values instead, and its gradient is computed from them
+with ``|beta| + max|r| > G |gamma|`` (:func:`max_gain`: G = 4 in fp16/bf16, 1024 in float32/64; so every
+gamma = 0 channel) keeps its input values instead, and its gradient is computed from them
 exactly as the unfused layer does; so do L1 channels with a deviation of exactly 0 (sign 0 has no bit) and L∞
 channels tied at the k-th place (the tie rule spreads over more than k values). Such channels are found in the
 forward (one host sync) and cost their own size in memory; typical channels cost 1 bit per value.
@@ -41,6 +41,7 @@ References: arXiv:1803.01814; Rota Bulò, Porzi, Kontschieder, In-Place Activate
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,9 +62,9 @@ from .stats import (
 
 __all__ = [
     "ACTIVATIONS",
-    "RECOVERY_TOLERANCE",
     "HALF_MAX_GAIN",
-    "recovery_limit",
+    "FULL_MAX_GAIN",
+    "max_gain",
     "LpBatchNormActFunction",
     "lp_batch_norm_act",
     "activate",
@@ -75,26 +76,19 @@ __all__ = [
 #: Accepted values of ``activation``.
 ACTIVATIONS = ("relu", "leaky_relu", "identity")
 
-#: Largest error of the recovered x_hat, in units of x_hat (whose typical size is 1), that a float32/float64
-#: channel may have before it keeps its input instead: ``u * (|beta| + max|r|) + tiny >= RECOVERY_TOLERANCE *
-#: |gamma|`` keeps it (u the unit roundoff): float32 recovers channels with (|beta| + max|r|) up to 2**18 |gamma|.
-RECOVERY_TOLERANCE = 2.0**-6
-
-#: fp16/bf16: a channel is recovered only when (|beta| + max|r|) <= HALF_MAX_GAIN * |gamma|, so that the
-#: recovered x_hat is within about 5 roundings of the output (measured gradient errors within 4x the unfused
-#: layer's: tests/test_batchnorm_act.py and the README).
+#: fp16/bf16: a channel is recovered from the output only when (|beta| + max|r|) <= HALF_MAX_GAIN * |gamma|, so
+#: that the recovered x_hat is within about 5 roundings of the output (measured gradient errors within 4x the
+#: unfused layer's: tests/test_batchnorm_act.py and the README); other channels keep their input.
 HALF_MAX_GAIN = 4.0
 
-
-def recovery_limit(dtype: torch.dtype) -> float:
-    """The largest error of the recovered x_hat, relative to |gamma|, that a channel of ``dtype`` may have."""
-    unit_roundoff = torch.finfo(dtype).eps / 2
-    if dtype in (torch.float16, torch.bfloat16):
-        return HALF_MAX_GAIN * unit_roundoff
-    return RECOVERY_TOLERANCE
+#: float32/float64: the same rule with 1024: the recovered x_hat within about 1e-4 (float32) or 2e-13 (float64)
+#: of the unfused layer's.
+FULL_MAX_GAIN = 1024.0
 
 
-_SHIFTS_CACHE: dict[torch.device, Tensor] = {}
+def max_gain(dtype: torch.dtype) -> float:
+    """The largest (|beta| + max|r|) / |gamma| of a channel whose x_hat is recovered from the output."""
+    return HALF_MAX_GAIN if dtype in (torch.float16, torch.bfloat16) else FULL_MAX_GAIN
 
 
 def validate_activation(activation: str, negative_slope: float) -> tuple[str, float]:
@@ -126,27 +120,41 @@ def activate(z: Tensor, activation: str, negative_slope: float, inplace: bool = 
     return z
 
 
-def _shifts(device: torch.device) -> Tensor:
-    shifts = _SHIFTS_CACHE.get(device)
-    if shifts is None:
-        shifts = _SHIFTS_CACHE[device] = torch.arange(8, dtype=torch.uint8, device=device)
-    return shifts
-
-
 def pack_bits(bits: Tensor) -> Tensor:
-    """A bool tensor as ``uint8`` bytes, 8 values per byte in memory order (``ceil(numel / 8)`` bytes)."""
+    """A bool tensor as ``uint8`` bytes, 8 values per byte in memory order (``ceil(numel / 8)`` bytes).
+
+    On the CPU numpy's ``packbits`` (little bit order). Elsewhere eight bools (bytes 0/1) are read as one little-endian int64 with bit i*8 = value i; three shift-or steps
+    gather bit 8i at bit i of the lowest byte (7 = 8 - 1, 14 = 16 - 2, 28 = 32 - 4), so the packing is a few
+    passes over numel / 8 words instead of a reduction over groups of 8.
+    """
     flat = bits.reshape(-1)
+    if flat.device.type == "cpu":
+        # numpy's SIMD packbits: torch's int64 shifts are not vectorised on the CPU (~10x slower).
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
-    return (flat.view(-1, 8).to(torch.uint8) << _shifts(bits.device)).sum(dim=1, dtype=torch.uint8)
+    words = flat.view(torch.uint8).view(torch.int64)
+    words = words | (words >> 7)
+    words = words | (words >> 14)
+    words = words | (words >> 28)
+    return (words & 0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of :func:`pack_bits`: the bool tensor of ``shape``."""
-    numel = shape.numel()
-    bits = (packed[:, None] >> _shifts(packed.device)) & 1
-    return bits.view(-1)[:numel].view(shape).bool()
+    """Inverse of :func:`pack_bits`: a ``uint8`` tensor of 0/1 values of ``shape``.
+
+    Bit i of a byte goes to bit 8i of an int64 (i = 4a + 2b + c moves by 28a + 14b + 7c = 8i - i), and the
+    mask keeps bit 0 of every byte.
+    """
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=shape.numel(), bitorder="little")).view(shape)
+    words = packed.to(torch.int64)
+    words = words | (words << 28)
+    words = words | (words << 14)
+    words = words | (words << 7)
+    words = words & 0x0101010101010101
+    return words.view(torch.uint8)[: shape.numel()].view(shape)
 
 
 def _per_channel_absmax(r: Tensor) -> Tensor:
@@ -178,20 +186,22 @@ class LpBatchNormActFunction(torch.autograd.Function):
         acc = accumulate_dtype(x.dtype)
         channels_last = is_channels_last(x)
         view = canonical(x, channels_last)
-        dev_mean = batch_mean if lowp_mean is None else lowp_mean
-        # The deviations exactly as the unfused backward recomputes them (same operation, same dtypes).
-        dev = view - dev_mean[:, None]
+        dev_mean = (batch_mean if lowp_mean is None else lowp_mean)[:, None]
         gamma = torch.ones_like(inv_std) if weight is None else weight.detach().to(acc)
         spread = torch.zeros_like(inv_std) if bias is None else bias.detach().to(acc).abs()
         if residual is not None:
             spread = spread + _per_channel_absmax(residual.detach()).to(acc)
-        info = torch.finfo(x.dtype)
-        poor = gamma.abs() * recovery_limit(x.dtype) <= spread * (info.eps / 2) + info.tiny
+        # Recovery loses about u * (|beta| + max|r|) / |gamma| of x_hat (u the unit roundoff), and subnormal
+        # outputs about u * tiny / |gamma|: keep the inputs of channels where that exceeds u * max_gain.
+        poor = gamma.abs() * max_gain(x.dtype) <= spread + 2 * torch.finfo(x.dtype).tiny
         if norm is Norm.L1:
-            poor |= (dev == 0).any(dim=(0, 2))
-            signs = pack_bits(dev > 0)
-            positions = None
+            # sign(x - mu) as the unfused backward computes it: x - mu rounds to 0 only where x == mu (the
+            # comparisons promote as the subtraction does).
+            poor |= (view == dev_mean).any(dim=(0, 2))
+            signs = pack_bits(view > dev_mean)
         else:
+            # The deviations exactly as the unfused backward recomputes them (same operation, same dtypes).
+            dev = view - dev_mean
             rows = channel_major(dev.abs())
             top = rows.topk(min(k + 1, n), dim=1)
             del rows
@@ -199,11 +209,13 @@ class LpBatchNormActFunction(torch.autograd.Function):
                 kth = top.values[:, k - 1]
                 # A value tied with the k-th largest |d| shares the scale's gradient (the tie rule): not k.
                 poor |= (top.values[:, k] == kth) & (kth > 0)
-            positions = top.indices[:, :k].contiguous()
+            positions = top.indices[:, :k]
             inner = view.shape[2]
             channel = torch.arange(view.shape[1], device=x.device)[:, None]
-            signs = torch.sign(dev[positions // inner, channel, positions % inner]).to(torch.int8)
-        del dev
+            # One integer per entry: (position + 1) * sign(d); 0 where d = 0 (no contribution to u).
+            marks = (positions + 1) * torch.sign(dev[positions // inner, channel, positions % inner]).long()
+            signs = marks.to(torch.int32) if n < 2**31 - 1 else marks
+            del dev
         fallback = poor.nonzero().squeeze(1)
         kept = view.index_select(1, fallback)
 
@@ -215,16 +227,16 @@ class LpBatchNormActFunction(torch.autograd.Function):
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.keep_input = keep_input
         ctx.save_for_backward(
-            y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, positions,
-            fallback, kept, x if keep_input else None,
+            y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, fallback,
+            kept, x if keep_input else None,
         )
         ctx.mark_non_differentiable(batch_mean, scale)
         return y, batch_mean, scale
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_scale):
-        (y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, positions,
-         fallback, kept, x) = ctx.saved_tensors
+        (y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, fallback, kept,
+         x) = ctx.saved_tensors
         if torch.is_grad_enabled():
             if not ctx.keep_input:
                 raise RuntimeError(
@@ -235,42 +247,49 @@ class LpBatchNormActFunction(torch.autograd.Function):
                 )
             return _backward_with_graph(ctx, grad_y, x, weight, bias, residual)
         return _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean,
-                         threshold, signs, positions, fallback, kept)
+                         threshold, signs, fallback, kept)
 
 
 def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs,
-              positions, fallback, kept):
+              fallback, kept):
     acc = inv_std.dtype
     shape, channels_last = ctx.shape, ctx.channels_last
     # grad_y in the input's layout, as the unfused backward does (bf16 reductions on mixed layouts lose bits).
     grad_y = canonical(grad_y, channels_last)
     out = canonical(y, channels_last)
-    positive = out > 0
-    if ctx.activation == "relu":
-        dz = torch.where(positive, grad_y, 0.0)
-    elif ctx.activation == "leaky_relu":
-        dz = torch.where(positive, grad_y, grad_y * ctx.negative_slope)
-    else:
-        dz = grad_y
-    sum_dz = dz.sum(dim=(0, 2), dtype=acc)
-    # z - r where dz != 0 (z = y where the activation passes the gradient as is; y / slope where leaky).
-    z = out.to(acc)
-    if ctx.activation == "leaky_relu":
-        z = torch.where(positive, z, z / ctx.negative_slope)
-    if residual is not None:
-        z = z - canonical(residual, channels_last).to(acc)
-    sum_dz_z = (dz.to(acc) * z).sum(dim=(0, 2))
-    del z
     gamma = torch.ones_like(inv_std) if weight is None else weight.to(acc)
     beta = torch.zeros_like(inv_std) if bias is None else bias.to(acc)
-    sum_dz_xhat = (sum_dz_z - beta * sum_dz) / gamma
+    one = torch.ones_like(inv_std)
+    # sum(dz x_hat) = (sum(dz (z - r)) - beta sum(dz)) / gamma, each sum by torch's fused batch-norm backward
+    # reduction (sum(g (v - m) s) and sum(g) in one pass). ReLU: dz = 0 where y = 0, z = y elsewhere. Leaky
+    # ReLU: dz z = (dy slope) (y / slope) = dy y where y < 0, so sum(dz z) = sum(dy y).
+    if ctx.activation == "relu":
+        dz = torch.ops.aten.threshold_backward(grad_y, out, 0)
+        _, sum_dz_zb, sum_dz = _channel_sums(dz, out, beta, one)
+    elif ctx.activation == "leaky_relu":
+        dz = torch.ops.aten.leaky_relu_backward(grad_y, out, ctx.negative_slope, True)
+        _, sum_dy_y, _ = _channel_sums(grad_y, out, torch.zeros_like(beta), one)
+        sum_dz = dz.sum(dim=(0, 2), dtype=acc)
+        sum_dz_zb = sum_dy_y - beta * sum_dz
+    else:
+        dz = grad_y
+        _, sum_dz_zb, sum_dz = _channel_sums(dz, out, beta, one)
+    if residual is not None:
+        _, sum_dz_r, _ = _channel_sums(dz, canonical(residual, channels_last), torch.zeros_like(beta), one)
+        sum_dz_zb = sum_dz_zb - sum_dz_r
+    sum_dz_xhat = sum_dz_zb / gamma
 
     n, k = ctx.n, ctx.k
     if ctx.norm is Norm.L1:
-        u = torch.where(unpack_bits(signs, out.shape), 1.0, -1.0).to(acc)
-        sum_u = u.sum(dim=(0, 2))
+        # u = 2 b - 1 from the bits b (1 where d > 0), used as b: dx = ... + coef (2 b - 1). (b in acc first:
+        # torch's reductions and addcmul on uint8 convert per element, about twice as slow.)
+        u = unpack_bits(signs, out.shape).to(acc)
+        sum_u = u.sum(dim=(0, 2)) * 2 - n
     else:
         u = None
+        # signs holds (position + 1) * sign(d) of the k largest |d| per channel (see the forward).
+        positions = (signs.abs().long() - 1).clamp_(min=0)
+        signs = signs.sign()
         sum_u = signs.sum(dim=1, dtype=acc)
 
     any_fallback = fallback.numel() > 0
@@ -293,7 +312,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     grad_x = None
     if ctx.needs_input_grad[0]:
         if u is not None:
-            grad_x = input_grad(dz, u, gamma, inv_std, coef, offset)
+            grad_x = input_grad(dz, u, gamma, inv_std, coef * 2, offset - coef)
         else:
             grad_x = torch.addcmul(offset[:, None], dz, (gamma * inv_std)[:, None])
             inner = grad_x.shape[2]
@@ -310,6 +329,13 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     if ctx.residual_dtype is not None and ctx.needs_input_grad[3]:
         grad_r = uncanonical(dz.contiguous(), shape, channels_last).to(ctx.residual_dtype)
     return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
+
+
+def _channel_sums(grad: Tensor, values: Tensor, shift: Tensor, mult: Tensor) -> tuple:
+    """(None, sum(grad * (values - shift) * mult), sum(grad)) per channel of (A, C, B) views, in one pass."""
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, values, None, None, None, shift, mult, True, 0.0, [False, True, True]
+    )
 
 
 def _backward_with_graph(ctx, grad_y, x, weight, bias, residual):

@@ -152,8 +152,8 @@ _DOC = r"""${title} fused with its activation: ``act(BN(input) + residual)``, sa
     Saved for the backward (training): the output ``y`` (the next layer's saved input: the same storage), the
     residual if given (the block's input, which its first convolution saves: the same storage), per-channel
     vectors, and ${saved}. Never the input, except for channels whose gradient could not be recovered from
-    the output exactly enough: gamma = 0 or tiny channels, in fp16/bf16 channels with
-    ``|beta| + max|residual| > 4 |gamma|`` (:func:`normdecouple._act_backend.recovery_limit`), and ${own}.
+    the output exactly enough: channels with ``|beta| + max|residual| > G |gamma|`` (G = 4 in fp16/bf16, 1024
+    in float32/64: :func:`normdecouple._act_backend.max_gain`; so every gamma = 0 channel) and ${own}.
     They keep their input values and get the unfused layer's gradients.
 
     Args:

@@ -191,7 +191,7 @@ def test_saved_bytes_exact(norm, k, dtype):
     if norm == "l1":
         expected = vectors + math.ceil(x.numel() / 8)  # one bit per value
     else:
-        expected = vectors + n_ch * acc + n_ch * k * 8 + n_ch * k * 1  # threshold, positions, signs
+        expected = vectors + n_ch * acc + n_ch * k * 4  # threshold, (position + 1) * sign as int32
     # The fallback channel index and the kept inputs are empty here (no gamma = 0, no ties).
     assert sum(own.values()) == expected
     # y and the residual are saved as themselves (the next convolution and the block's first one keep them).
