@@ -93,13 +93,14 @@ def _all_gather(local: Tensor, group: Any, world_size: int) -> Tensor:
 
 def _check_global_count(count: int, norm: Norm, k: int, x: Tensor, world_size: int) -> None:
     # Every rank holds the same count after the first collective, so every rank raises here together and
-    # none is left waiting in a later collective.
-    if count <= 1:
+    # none is left waiting in a later collective. No value anywhere (every rank empty) is torch's empty batch:
+    # an empty output and untouched running statistics, with every collective still made.
+    if count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {count} value(s) per channel over the "
             f"{world_size} processes of the group (local input size {tuple(x.shape)}); use a larger batch"
         )
-    if norm is Norm.LINF and k > count:
+    if norm is Norm.LINF and 0 < count < k:
         raise ValueError(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of the global batch over "
             f"{world_size} processes (local input size {tuple(x.shape)}); use k <= {count} or a larger batch"
@@ -146,7 +147,7 @@ def _forward_l1(x: Tensor, lowp: bool, group: Any, world_size: int) -> tuple[Ten
     dist.all_reduce(packed, group=group)
     count = int(packed[channels].item())
     _check_global_count(count, Norm.L1, 1, x, world_size)
-    mean = (packed[:channels] / count).to(stat_dtype)
+    mean = (packed[:channels] / max(count, 1)).to(stat_dtype)
     if n_local == 0:
         abs_sum = torch.zeros(channels, dtype=_WIRE, device=x.device)
     elif lowp:
@@ -157,9 +158,9 @@ def _forward_l1(x: Tensor, lowp: bool, group: Any, world_size: int) -> tuple[Ten
         abs_sum = (view - mean[:, None]).abs_().sum(dim=(0, 2)).to(_WIRE)
     dist.all_reduce(abs_sum, group=group)
     if lowp:
-        scale = (abs_sum / count).to(stat_dtype) * L1_SCALE
+        scale = (abs_sum / max(count, 1)).to(stat_dtype) * L1_SCALE
     else:
-        scale = (abs_sum * (L1_SCALE / count)).to(stat_dtype)
+        scale = (abs_sum * (L1_SCALE / max(count, 1))).to(stat_dtype)
     return mean, scale, count
 
 
@@ -178,6 +179,9 @@ def _forward_linf(x: Tensor, k: int, lowp: bool, group: Any, world_size: int
     counts = gathered[:, channels]
     count = int(counts.sum().item())
     _check_global_count(count, Norm.LINF, k, x, world_size)
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=stat_dtype, device=x.device)
+        return zeros, zeros, zeros.to(x.dtype), count
     mean = (gathered[:, :channels].sum(dim=0) / count).to(stat_dtype)
     # |candidate - mu| with exactly the arithmetic the backward applies to the local values (same dtypes),
     # so the k-th largest value t found here compares equal to the tied elements there.
@@ -369,7 +373,7 @@ class _SyncLpBatchNorm(bn.LpBatchNorm):
             input, self.weight, self.bias, self.eps, self.norm, getattr(self, "k", 1),
             self.low_precision, group, world_size,
         )
-        if track and self.running_mean is not None:
+        if track and self.running_mean is not None and count > 0:
             # Every rank holds the same global statistics, so the buffers stay identical across ranks.
             update_running_stats(self.running_mean, self.running_var, mean, scale, count, factor)
         return y

@@ -55,6 +55,9 @@ SCENARIOS = {
     "l1_empty_rank": dict(norm="l1", shape=(6, 3, 4), split=(0, 6), affine=False),
     "linf3_empty_rank": dict(norm="linf", k=3, shape=(6, 2, 2, 3, 2), split=(6, 0)),
     "linf1_empty_rank": dict(norm="linf", k=1, shape=(8, 4), split=(0, 8)),
+    # Every rank empty (torch's empty batch): empty outputs, running statistics untouched, batches counted.
+    "l1_all_empty": dict(norm="l1", shape=(0, 3, 4), split=(0, 0)),
+    "linf3_all_empty": dict(norm="linf", k=3, shape=(0, 2, 3), split=(0, 0)),
     # Ties at the k-th |d| spread over both ranks: the even share must use the global tie counts.
     "ties_k1": dict(norm="linf", k=1, shape=(8, 2), split=(3, 5), ties=True),
     "ties_k3": dict(norm="linf", k=3, shape=(8, 2), split=(3, 5), ties=True),
@@ -269,7 +272,8 @@ def test_matches_single_process_on_global_batch(dist_results, name):
         # Outputs and input gradients: the ranks' slices, concatenated, are the single process's.
         _close(torch.cat([o["ys"][step] for o in ours]), single["ys"][step], dtype)
         grad_x = single["grad_xs"][step]
-        _close(torch.cat([o["grad_xs"][step] for o in ours]), grad_x, dtype, grad_x.abs().max().item() + 1.0)
+        grad_scale = grad_x.abs().max().item() + 1.0 if grad_x.numel() else 1.0
+        _close(torch.cat([o["grad_xs"][step] for o in ours]), grad_x, dtype, grad_scale)
         # Parameter gradients: each rank's share; their sum (what DDP's all-reduce forms) is the whole.
         for key in ("grad_ws", "grad_bs"):
             if single[key]:
