@@ -32,15 +32,19 @@ from .stats import (
     can_read_on_host,
     canonical,
     channel_major,
+    channel_major_abs_dev,
+    computes_in_input_dtype,
     hypot_eps,
     input_grad,
     input_grad_coefficients,
     is_channels_last,
     l1_scale,
-    linf_scale,
     linf_selected,
+    linf_selected_from_top,
     linf_tie_weights,
-    pairwise_mean,
+    linf_top,
+    linf_top_scale,
+    pairwise_channel_mean,
     per_channel,
     scale_factor,
     traceable_topk_constant,
@@ -56,8 +60,9 @@ def normalise(
     """y = (x - mean) / sqrt(s^2 + eps) * weight + bias, and 1/s_e in :func:`accumulate_dtype`.
 
     Full precision: torch's own fused eval-mode kernel with (mean, s^2) standing in for the running statistics
-    (one pass, any layout, mixed dtypes). Low precision: elementwise ops in the input dtype and a square-free
-    s_e. Shared by the unsynchronised and the synchronised (``distributed``) paths.
+    (one pass, any layout, mixed dtypes). Low precision: elementwise ops in the input dtype (each rounded to it,
+    in place after the first) and a square-free s_e. Shared by the unsynchronised and the synchronised
+    (``distributed``) paths.
     """
     acc = accumulate_dtype(x.dtype)
     if not lowp:
@@ -77,52 +82,68 @@ def normalise(
     if x.numel() == 0:
         return torch.empty_like(x), inv_std
     mult = 1.0 / scale_e if weight is None else weight.to(x.dtype) / scale_e
-    y = (x - per_channel(mean, x)) * per_channel(mult, x)
+    y = (x - per_channel(mean, x)).mul_(per_channel(mult, x))
     if bias is not None:
-        y = y + per_channel(bias.to(x.dtype), x)
+        y = y.add_(per_channel(bias.to(x.dtype), x))
     return y, inv_std
 
 
-def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int):
+#: Candidates kept beyond the k largest |d| of each channel in the L∞ forward, so that the backward finds every
+#: value tied with the k-th largest among them (:func:`~normdecouple.stats.linf_selected_from_top`) instead of
+#: scanning the input again. More ties than this (rare, more frequent in bf16) fall back to the scan.
+TOPK_SPARE = 4
+
+
+def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int,
+             lowp: bool):
+    """The training forward: ``(y, mean, scale, inv_std, lowp_mean, threshold, top)``.
+
+    mean and scale in :func:`accumulate_dtype`; ``lowp_mean`` the mean in the input dtype (low precision only);
+    ``threshold`` t and ``top`` (the L∞ candidates of :func:`~normdecouple.stats.linf_top`: sorted values and
+    their positions in the channel-major row) for L∞ only. Every statistic is computed on the (A, C, B) view of
+    the input (:func:`~normdecouple.stats.canonical`); the only channel-major layout is L∞'s |d|, written so
+    by the subtraction itself.
+    """
     acc = accumulate_dtype(x.dtype)
     view = canonical(x, is_channels_last(x))
-    mean = view.mean(dim=(0, 2), dtype=acc)
-    if norm is Norm.LINF and k == 1:
-        # max|x - mu| = max(max(x) - mu, mu - min(x)): two reductions, no deviations in memory. Rounding is
-        # monotone, so this equals the largest |fl(x - mu)| that the backward recomputes.
-        top = torch.maximum(view.amax(dim=(0, 2)).to(acc) - mean, mean - view.amin(dim=(0, 2)).to(acc))
-        scale, threshold = top / traceable_topk_constant(n, 1), top
+    mean = pairwise_channel_mean(view) if lowp else view.mean(dim=(0, 2), dtype=acc)
+    threshold = top = None
+    if norm is Norm.L1:
+        scale = l1_scale((view - mean[:, None]).abs_(), n, lowp)
     else:
-        abs_dev = (view - mean[:, None]).abs_()
-        if norm is Norm.L1:
-            scale, threshold = l1_scale(abs_dev, n, lowp=False), None
-        else:
-            scale, threshold = linf_scale(abs_dev, n, k, lowp=False)
-        del abs_dev
-    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp=False)
-    return y, mean, scale, inv_std, None, threshold
+        rows = channel_major_abs_dev(view, mean)
+        top = linf_top(rows, k, TOPK_SPARE)
+        del rows
+        scale, threshold = linf_top_scale(top[0], n, k, lowp)
+    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp)
+    if lowp:
+        return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold, top
+    return y, mean, scale, inv_std, None, threshold, top
+
+
+def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int):
+    """:func:`_forward` with statistics in :func:`accumulate_dtype`: ``(y, mean, scale, inv_std, None, t)``."""
+    return _forward(x, weight, bias, eps, norm, k, n, lowp=False)[:6]
 
 
 def _forward_lowp(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int):
-    rows = channel_major(x)
-    mean = pairwise_mean(rows)
-    abs_dev = (rows - mean[:, None]).abs()
-    if norm is Norm.L1:
-        scale, threshold = l1_scale(abs_dev, n, lowp=True), None
-    else:
-        scale, threshold = linf_scale(abs_dev, n, k, lowp=True)
-    del abs_dev
-    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp=True)
-    acc = accumulate_dtype(x.dtype)
-    return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold
+    """:func:`_forward` with statistics in the input dtype: ``(y, mean, scale, inv_std, lowp_mean, t)``."""
+    return _forward(x, weight, bias, eps, norm, k, n, lowp=True)[:6]
 
 
-def _sum_u_sparse(view: Tensor, dev_mean: Tensor, threshold: Tensor, k: int, acc: torch.dtype):
-    """The L∞ u = sign(d) w on the few values :func:`~normdecouple.stats.linf_selected` picks (eager mode).
+def _sum_u_sparse(view: Tensor, dev_mean: Tensor, threshold: Tensor, k: int, acc: torch.dtype,
+                  top: tuple[Tensor, Tensor] | None = None):
+    """The L∞ u = sign(d) w on the few values with |d| >= t (eager mode).
 
-    Returns ``(index, u_selected, sum_u)``: indices into the (A, C, B) view, u there, and u's channel sums.
+    They are read from the forward's candidates (:func:`~normdecouple.stats.linf_selected_from_top`) or, when
+    more values tie with the k-th than the candidates hold, found by a scan
+    (:func:`~normdecouple.stats.linf_selected`). Returns ``(index, u_selected, sum_u)``: indices into the
+    (A, C, B) view, u there, and u's channel sums.
     """
-    index, sign_selected, above = linf_selected(view, dev_mean, threshold, acc)
+    selected = None if top is None else linf_selected_from_top(view, dev_mean, threshold, *top, acc)
+    if selected is None:
+        selected = linf_selected(view, dev_mean, threshold, acc)
+    index, sign_selected, above = selected
     channel = index[1]
     channels = threshold.shape[0]
     n_above = torch.zeros(channels, dtype=acc, device=view.device).index_add_(0, channel, above.to(acc))
@@ -149,19 +170,19 @@ class LpBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, norm, k, low_precision):
         norm = Norm.parse(norm)
         n = x.numel() // x.shape[1]
-        lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
-        forward = _forward_lowp if lowp else _forward_full
-        y, batch_mean, scale, inv_std, lowp_mean, threshold = forward(x, weight, bias, eps, norm, k, n)
+        lowp = computes_in_input_dtype(x.dtype, low_precision)
+        y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n, lowp)
         ctx.norm, ctx.k, ctx.eps = norm, k, eps
         ctx.channels_last = is_channels_last(x)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, batch_mean, scale, inv_std, lowp_mean, threshold)
+        top_values, top_positions = (None, None) if top is None else top
+        ctx.save_for_backward(x, weight, batch_mean, scale, inv_std, lowp_mean, threshold, top_values, top_positions)
         ctx.mark_non_differentiable(batch_mean, scale)
         return y, batch_mean, scale
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_scale):
-        x, weight, batch_mean, scale, inv_std, lowp_mean, threshold = ctx.saved_tensors
+        x, weight, batch_mean, scale, inv_std, lowp_mean, threshold, top_values, top_positions = ctx.saved_tensors
         if torch.is_grad_enabled():
             return backward_with_graph(ctx, grad_y, x, weight) + (None,) * 4
         acc = inv_std.dtype
@@ -185,15 +206,18 @@ class LpBatchNormFunction(torch.autograd.Function):
             dev_mean = batch_mean if lowp_mean is None else lowp_mean
             factor = scale_factor(ctx.norm, n, ctx.k)
             if ctx.norm is Norm.L1:
-                u = (view - dev_mean[:, None]).sign_()
-                sum_u = u.sum(dim=(0, 2), dtype=acc)
+                # sign(fl(x - mu)) = sign(x - mu) in any precision, so u is computed straight in acc (exact
+                # also for the low-precision mean) and the gradient is written over it.
+                u = (view - dev_mean.to(acc)[:, None]).sign_()
+                sum_u = u.sum(dim=(0, 2))
                 coef, offset = input_grad_coefficients(sum_dy, sum_dy_xhat, sum_u, gamma, scale, inv_std, n, factor)
-                grad_x = input_grad(dy, u, gamma, inv_std, coef, offset)
+                grad_x = input_grad(dy, u, gamma, inv_std, coef, offset, out=u)
             elif can_read_on_host(x):
                 # Only the values at or above the k-th largest |d| carry the scale's gradient.
-                index, u_selected, sum_u = _sum_u_sparse(view, dev_mean, threshold, ctx.k, acc)
+                top = None if top_values is None else (top_values, top_positions)
+                index, u_selected, sum_u = _sum_u_sparse(view, dev_mean, threshold, ctx.k, acc, top)
                 coef, offset = input_grad_coefficients(sum_dy, sum_dy_xhat, sum_u, gamma, scale, inv_std, n, factor)
-                grad_x = torch.addcmul(offset[:, None], dy, (gamma * inv_std)[:, None])
+                grad_x = torch.mul(dy, (gamma * inv_std)[:, None]).add_(offset[:, None])
                 grad_x.index_put_(index, coef[index[1]] * u_selected, accumulate=True)
             else:
                 # Traced graphs (compile, export, meta and fake tensors) cannot have the sparse form's

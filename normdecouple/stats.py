@@ -60,9 +60,13 @@ __all__ = [
     "traceable_topk_constant",
     "l1_scale",
     "linf_scale",
+    "channel_major_abs_dev",
+    "linf_top",
+    "linf_top_scale",
     "scale_factor",
     "linf_tie_weights",
     "linf_selected",
+    "linf_selected_from_top",
     "input_grad_coefficients",
     "input_grad",
     "can_read_on_host",
@@ -219,9 +223,14 @@ def scale_factor(norm: Norm, n: int, k: int) -> float | Tensor:
 
 
 def l1_scale(abs_dev: Tensor, n: int, lowp: bool) -> Tensor:
-    """s = sqrt(pi/2) mean|d| from |d| laid out as (C, n) (``lowp``: :func:`pairwise_mean`) or (A, C, B)."""
+    """s = sqrt(pi/2) mean|d| from |d| laid out as (A, C, B), or as (C, n) when ``lowp``.
+
+    ``lowp``: the mean is :func:`pairwise_mean` (of a (C, n) tensor) or :func:`pairwise_channel_mean` (of an
+    (A, C, B) view), the same bits either way.
+    """
     if lowp:
-        return pairwise_mean(abs_dev) * L1_SCALE
+        mean = pairwise_channel_mean(abs_dev) if abs_dev.dim() == 3 else pairwise_mean(abs_dev)
+        return mean * L1_SCALE
     return abs_dev.sum(dim=(0, 2)) * (L1_SCALE / n)
 
 
@@ -230,12 +239,42 @@ def linf_scale(abs_dev: Tensor, n: int, k: int, lowp: bool) -> tuple[Tensor, Ten
 
     ``abs_dev`` is (C, n) when ``lowp`` (then the top-k mean is a :func:`pairwise_mean`), else (A, C, B).
     """
-    inv_c = 1.0 / traceable_topk_constant(n, k)
     rows = abs_dev if lowp else channel_major(abs_dev)
-    top = rows.topk(k, dim=1, sorted=False).values
-    threshold = top.amin(dim=1)
+    values, _ = linf_top(rows, k)
+    return linf_top_scale(values, n, k, lowp)
+
+
+def channel_major_abs_dev(view: Tensor, mean: Tensor) -> Tensor:
+    """|d| = |x - mean| of an (A, C, B) view as (C, n) rows, the subtraction writing the channel-major layout.
+
+    One pass instead of a subtraction and a copy; the values are those of ``(view - mean[:, None]).abs()``
+    (the same operation and dtypes, elementwise).
+    """
+    if torch.compiler.is_compiling():
+        # The compiler fuses the subtraction with the copy itself (and mishandles ``out=`` with dynamic shapes).
+        return channel_major((view - mean[:, None]).abs())
+    a, c, b = view.shape
+    rows = torch.empty((c, a, b), dtype=torch.promote_types(view.dtype, mean.dtype), device=view.device)
+    torch.sub(view.transpose(0, 1), mean[:, None, None], out=rows)
+    return rows.abs_().view(c, a * b)
+
+
+def linf_top(rows: Tensor, k: int, spare: int = 0) -> tuple[Tensor, Tensor]:
+    """The min(n, k + spare) largest values of each (C, n) row, largest first, and their positions in the row.
+
+    ``spare`` places beyond k let :func:`linf_selected_from_top` find the values tied with the k-th without
+    another pass over the data.
+    """
+    top = rows.topk(min(rows.shape[1], k + spare), dim=1, sorted=True)
+    return top.values, top.indices
+
+
+def linf_top_scale(values: Tensor, n: int, k: int, lowp: bool) -> tuple[Tensor, Tensor]:
+    """(s, t) of :func:`linf_scale` from the sorted largest |d| of :func:`linf_top` ((C, >= k), largest first)."""
+    inv_c = 1.0 / traceable_topk_constant(n, k)
+    top = values[:, :k]
     mean_top = pairwise_mean(top) if lowp else top.mean(dim=1)
-    return mean_top * inv_c, threshold
+    return mean_top * inv_c, values[:, k - 1]
 
 
 def linf_tie_weights(abs_dev: Tensor, threshold: Tensor, k: int, dims: tuple[int, ...]) -> Tensor:
@@ -277,6 +316,29 @@ def linf_selected(
     return index, torch.sign(d_selected).to(acc), above
 
 
+def linf_selected_from_top(
+    view: Tensor, dev_mean: Tensor, threshold: Tensor, values: Tensor, positions: Tensor, acc: torch.dtype
+) -> tuple[tuple[Tensor, ...], Tensor, Tensor] | None:
+    """:func:`linf_selected` from the forward's candidates (:func:`linf_top`), without a pass over the data.
+
+    The candidates hold every |d| >= t when they are the whole row or when the smallest of them is below t
+    (every value left out is at most that one); then the selection is read from them, and d of the selected
+    values recomputed with the forward's exact operation. Otherwise (more values tied with the k-th largest
+    than spare places) returns None: the caller scans with :func:`linf_selected`. Reads a flag on the host.
+    """
+    a, _, b = view.shape
+    thr = threshold.to(values.dtype)
+    if values.shape[1] < a * b and bool((values[:, -1] >= thr).any()):
+        return None
+    chosen = (values >= thr[:, None]) & (thr > 0)[:, None]
+    channel, slot = torch.nonzero(chosen, as_tuple=True)
+    position = positions[channel, slot]
+    index = (torch.div(position, b, rounding_mode="floor"), channel, position % b)
+    d_selected = view[index] - dev_mean[channel]
+    above = d_selected.abs() > thr[channel].to(d_selected.dtype)
+    return index, torch.sign(d_selected).to(acc), above
+
+
 def input_grad_coefficients(
     sum_dy: Tensor,
     sum_dy_xhat: Tensor,
@@ -302,10 +364,16 @@ def input_grad_coefficients(
     return coef, offset
 
 
-def input_grad(dy: Tensor, u: Tensor, gamma: Tensor, inv_std: Tensor, coef: Tensor, offset: Tensor) -> Tensor:
-    """``dx = dy * gamma / s_e + offset + coef * u`` on (A, C, B) views, in the dtype of ``coef``."""
-    grad_x = torch.addcmul(offset[:, None], u, coef[:, None])
-    return grad_x.addcmul_(dy, (gamma * inv_std)[:, None])
+def input_grad(
+    dy: Tensor, u: Tensor, gamma: Tensor, inv_std: Tensor, coef: Tensor, offset: Tensor, *, out: Tensor | None = None
+) -> Tensor:
+    """``dx = dy * gamma / s_e + offset + coef * u`` on (A, C, B) views, in the dtype of ``coef``.
+
+    ``out`` (optional, of that dtype and u's shape) receives the result; it may be ``u`` itself, which saves
+    the allocation of the largest temporary of the backward.
+    """
+    grad_x = torch.mul(u, coef[:, None]) if out is None else torch.mul(u, coef[:, None], out=out)
+    return grad_x.add_(offset[:, None]).addcmul_(dy, (gamma * inv_std)[:, None])
 
 
 def can_read_on_host(t: Tensor) -> bool:
