@@ -46,15 +46,15 @@ import torch
 from torch import Tensor
 
 from . import functional as F_nd
-from ._torch_backend import _forward_full, _forward_lowp, differentiable_batch_norm
+from ._torch_backend import _forward, differentiable_batch_norm, normalise
 from .stats import (
     Norm,
     accumulate_dtype,
     canonical,
-    channel_major,
     input_grad,
     input_grad_coefficients,
     is_channels_last,
+    l1_scale,
     linf_tie_weights,
     scale_factor,
     uncanonical,
@@ -123,14 +123,19 @@ def activate(z: Tensor, activation: str, negative_slope: float, inplace: bool = 
 def pack_bits(bits: Tensor) -> Tensor:
     """A bool tensor as ``uint8`` bytes, 8 values per byte in memory order (``ceil(numel / 8)`` bytes).
 
-    On the CPU numpy's ``packbits`` (little bit order). Elsewhere eight bools (bytes 0/1) are read as one little-endian int64 with bit i*8 = value i; three shift-or steps
-    gather bit 8i at bit i of the lowest byte (7 = 8 - 1, 14 = 16 - 2, 28 = 32 - 4), so the packing is a few
-    passes over numel / 8 words instead of a reduction over groups of 8.
+    On the CPU numpy's SIMD ``packbits`` (little bit order; torch's int64 shifts are not vectorised there),
+    elsewhere :func:`_pack_bits_torch`, which gives the same bytes.
     """
     flat = bits.reshape(-1)
     if flat.device.type == "cpu":
-        # numpy's SIMD packbits: torch's int64 shifts are not vectorised on the CPU (~10x slower).
         return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _pack_bits_torch(flat)
+
+
+def _pack_bits_torch(flat: Tensor) -> Tensor:
+    """Eight bools (bytes 0/1) read as one little-endian int64 with value i at bit 8i; three shift-or steps
+    gather bit 8i at bit i of the lowest byte (7 = 8 - 1, 14 = 16 - 2, 28 = 32 - 4): a few passes over
+    numel / 8 words instead of a reduction over groups of 8."""
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
@@ -142,13 +147,15 @@ def pack_bits(bits: Tensor) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of :func:`pack_bits`: a ``uint8`` tensor of 0/1 values of ``shape``.
-
-    Bit i of a byte goes to bit 8i of an int64 (i = 4a + 2b + c moves by 28a + 14b + 7c = 8i - i), and the
-    mask keeps bit 0 of every byte.
-    """
+    """Inverse of :func:`pack_bits`: a ``uint8`` tensor of 0/1 values of ``shape``."""
     if packed.device.type == "cpu":
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=shape.numel(), bitorder="little")).view(shape)
+    return _unpack_bits_torch(packed, shape)
+
+
+def _unpack_bits_torch(packed: Tensor, shape: torch.Size) -> Tensor:
+    """Bit i of a byte to bit 8i of an int64 (i = 4a + 2b + c moves by 28a + 14b + 7c = 8i - i), then the
+    mask keeps bit 0 of every byte."""
     words = packed.to(torch.int64)
     words = words | (words << 28)
     words = words | (words << 14)
@@ -160,6 +167,27 @@ def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
 def _per_channel_absmax(r: Tensor) -> Tensor:
     dims = [0] + list(range(2, r.dim()))
     return torch.maximum(r.amax(dim=dims).abs(), r.amin(dim=dims).abs())
+
+
+def _l1_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n: int):
+    """The L1 training forward of :mod:`normdecouple._torch_backend` (same operations, same values) that also
+    packs sign(x - mu) from the deviations it computes anyway and finds the channels with a deviation of 0
+    (their |d| minimum), instead of two more comparisons with the input."""
+    acc = accumulate_dtype(x.dtype)
+    view = canonical(x, is_channels_last(x))
+    mean = view.mean(dim=(0, 2), dtype=acc)
+    dev = view - mean[:, None]
+    if dev.device.type == "cpu":
+        # numpy's SIMD comparison and packing: about 4x faster than torch's comparison to a bool tensor.
+        signs = torch.from_numpy(np.packbits(dev.numpy() > 0, bitorder="little"))
+    else:
+        signs = pack_bits(dev > 0)
+    abs_dev = dev.abs_()
+    scale = l1_scale(abs_dev, n, lowp=False)
+    has_zero = abs_dev.amin(dim=(0, 2)) == 0
+    del dev, abs_dev
+    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp=False)
+    return y, mean, scale, inv_std, signs, has_zero
 
 
 class LpBatchNormActFunction(torch.autograd.Function):
@@ -177,8 +205,14 @@ class LpBatchNormActFunction(torch.autograd.Function):
                 keep_input):
         n = x.numel() // x.shape[1]
         lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
-        forward = _forward_lowp if lowp else _forward_full
-        y, batch_mean, scale, inv_std, lowp_mean, threshold = forward(x, weight, bias, eps, norm, k, n)
+        signs = has_zero = None
+        if norm is Norm.L1 and not lowp:
+            y, batch_mean, scale, inv_std, signs, has_zero = _l1_forward(x, weight, bias, eps, n)
+            lowp_mean = threshold = top = None
+        else:
+            # L∞: ``top`` holds the sorted largest |d| of each channel (k and a few more) and their positions.
+            y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n,
+                                                                                lowp)
         if residual is not None:
             y = y.add_(residual)
         y = activate(y, activation, negative_slope, inplace=True)
@@ -194,28 +228,28 @@ class LpBatchNormActFunction(torch.autograd.Function):
         # Recovery loses about u * (|beta| + max|r|) / |gamma| of x_hat (u the unit roundoff), and subnormal
         # outputs about u * tiny / |gamma|: keep the inputs of channels where that exceeds u * max_gain.
         poor = gamma.abs() * max_gain(x.dtype) <= spread + 2 * torch.finfo(x.dtype).tiny
-        if norm is Norm.L1:
+        if has_zero is not None:
+            poor |= has_zero
+        elif norm is Norm.L1:
             # sign(x - mu) as the unfused backward computes it: x - mu rounds to 0 only where x == mu (the
             # comparisons promote as the subtraction does).
             poor |= (view == dev_mean).any(dim=(0, 2))
             signs = pack_bits(view > dev_mean)
         else:
-            # The deviations exactly as the unfused backward recomputes them (same operation, same dtypes).
-            dev = view - dev_mean
-            rows = channel_major(dev.abs())
-            top = rows.topk(min(k + 1, n), dim=1)
-            del rows
-            if k < n:
-                kth = top.values[:, k - 1]
+            values, indices = top
+            threshold = threshold.clone()  # a view of the candidates: keep (C,) values, not the candidates
+            if k < values.shape[1]:
+                kth = values[:, k - 1]
                 # A value tied with the k-th largest |d| shares the scale's gradient (the tie rule): not k.
-                poor |= (top.values[:, k] == kth) & (kth > 0)
-            positions = top.indices[:, :k]
+                poor |= (values[:, k] == kth) & (kth > 0)
+            positions = indices[:, :k]
             inner = view.shape[2]
             channel = torch.arange(view.shape[1], device=x.device)[:, None]
-            # One integer per entry: (position + 1) * sign(d); 0 where d = 0 (no contribution to u).
-            marks = (positions + 1) * torch.sign(dev[positions // inner, channel, positions % inner]).long()
+            # sign(d) as the unfused backward computes it (same operation, same dtypes), at the k positions;
+            # saved as one integer per entry: (position + 1) * sign(d), 0 where d = 0 (no contribution to u).
+            picked = view[positions // inner, channel, positions % inner] - dev_mean
+            marks = (positions + 1) * torch.sign(picked).long()
             signs = marks.to(torch.int32) if n < 2**31 - 1 else marks
-            del dev
         fallback = poor.nonzero().squeeze(1)
         kept = view.index_select(1, fallback)
 
@@ -312,7 +346,9 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     grad_x = None
     if ctx.needs_input_grad[0]:
         if u is not None:
-            grad_x = input_grad(dz, u, gamma, inv_std, coef * 2, offset - coef)
+            # dz * gamma / s_e + (offset - coef) + 2 coef b: the multiplication first, so no broadcast copy.
+            grad_x = dz * (gamma * inv_std)[:, None]
+            grad_x = grad_x.add_((offset - coef)[:, None]).addcmul_(u, (coef * 2)[:, None])
         else:
             grad_x = torch.addcmul(offset[:, None], dz, (gamma * inv_std)[:, None])
             inner = grad_x.shape[2]

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 import normdecouple as nd
 import normdecouple.batchnorm_act
-from normdecouple._act_backend import HALF_MAX_GAIN, pack_bits, unpack_bits
+from normdecouple._act_backend import (
+    HALF_MAX_GAIN,
+    _pack_bits_torch,
+    _unpack_bits_torch,
+    pack_bits,
+    unpack_bits,
+)
 
 # (fused class, plain class, kwargs): the L1 scale, the plain maximum, and a top-k mean with k > 1.
 NORMS = [
@@ -202,7 +208,10 @@ def test_pack_bits_roundtrip():
     bits = torch.rand(3, 5, 7) > 0.5  # 105 values: the last byte is partial
     packed = pack_bits(bits)
     assert packed.dtype == torch.uint8 and packed.numel() == 14
-    assert torch.equal(unpack_bits(packed, bits.shape), bits)
+    assert torch.equal(unpack_bits(packed, bits.shape), bits.to(torch.uint8))
+    # The torch bit operations (the path of GPU tensors) give the same bytes as numpy's packbits on the CPU.
+    assert torch.equal(_pack_bits_torch(bits.reshape(-1)), packed)
+    assert torch.equal(_unpack_bits_torch(packed, bits.shape), bits.to(torch.uint8))
 
 
 @pytest.mark.parametrize("fused_cls, kw", [(nd.L1BatchNormAct2d, {}), (nd.LinfBatchNormAct2d, {"k": 2})])
