@@ -1,22 +1,49 @@
 """Reproduce the claims of *Norm matters* (Hoffer et al., NeurIPS 2018) on real data, in one command.
 
     python -m examples.reproduce                  # digits (bundled with scikit-learn): ~2 minutes on 2 CPU cores
-    python -m examples.reproduce --full           # more seeds and epochs
+    python -m examples.reproduce --full           # more seeds, epochs, width and learning rates
     python -m examples.reproduce --data-dir ~/data/cifar-10-batches-py   # CIFAR-10 python pickles (use a GPU)
 
-Four experiments, each with several seeds (mean ± standard deviation over seeds):
+Four experiments, each over the same seeds (mean ± standard deviation over seeds). Every training run shifts
+its images by up to ``--shift`` pixels at random (zero padding): without it the digits' training loss reaches
+~0.003 within a few epochs, the gradients vanish and nothing about the learning rate can be seen any more.
 
 1. ``bn``: torch's L2 BatchNorm vs L1 vs top-k L∞ BatchNorm in a small residual CNN (fp32).
 2. ``half``: the same norms with every statistic in half precision (``low_precision=True``) and, for L2, a batch
    norm written here that computes its statistics in the input dtype too (:class:`InputDtypeL2BatchNorm`).
-   The CNN runs in pure bfloat16; because fp16 convolutions are about 50x slower than fp32 ones on a CPU, the
-   fp16 part uses an MLP (Linear + BatchNorm1d) on the flattened images. Both at input scale 1 and 1000.
-3. ``decouple``: SGD with weight decay and an LR schedule vs :class:`normdecouple.NormScaledLR` without weight
-   decay on the scale-invariant weights vs :class:`normdecouple.WeightNormProjection` with a constant LR and a
-   norm schedule (radius × √10 where the LR schedule divides by 10). Plots the effective LR of a few layers.
-4. ``wn``: torch's weight normalization (learned g) vs :func:`normdecouple.bounded_weight_norm` vs BatchNorm.
+   An MLP (Linear + BatchNorm1d) in pure float16 at input scale 1 and 1000 and the CNN in pure bfloat16 at
+   input scale 1000 (``--full`` adds the CNN at scale 1; fp16 convolutions are ~50x slower than fp32 ones on a
+   CPU, hence bf16 there, and fp16 on CUDA).
+3. ``decouple`` (longer runs, ``--decouple-epochs``: 20; ``--full``: 45): four ways of treating the scale-invariant weights (those
+   feeding a batch norm), the other parameters always keeping weight decay 5e-4:
 
-Writes ``results.csv`` (one row per run), ``results.md`` (the summary table) and PNG plots into ``--out``.
+   - SGD with weight decay ``--decouple-wd`` (5e-3, large enough that the norm settles within the first phase)
+     and the LR schedule (÷10 at 50% and 75% of training);
+   - no weight decay, :class:`normdecouple.NormScaledLR` (reference: the norm at initialisation), LR schedule;
+   - no weight decay, :class:`normdecouple.WeightNormProjection` (radius: the norm at initialisation), constant
+     LR and the norm schedule (radius × √10 where the LR schedule divides by 10) for the scale-invariant weights
+     (the other parameters, which no norm schedule can reach, keep the LR schedule);
+   - the negative control: no weight decay and no correction, LR schedule.
+
+   All four start from the same weights, the scale-invariant ones scaled by ``--decouple-init-scale`` (0.4, a
+   channel norm of about 0.57) so that the run with weight decay starts near the norm it keeps anyway: then
+   the fixed reference of the two corrections equals the norm weight decay maintains, and the claim predicts
+   that the first three schemes turn the weights' directions alike while the fourth slows down as its norm grows.
+   Records per step the mean channel norm, the effective LR ``lr·f/‖w‖²`` (``f`` the NormScaledLR factor, 1
+   otherwise) and the angular update (the angle between each output channel's weight before and after the step),
+   averaged over every channel of every scale-invariant weight; ``decouple_dynamics.png`` plots them.
+4. ``wn``: BatchNorm vs torch's weight normalization (learned per-channel g) vs
+   :func:`normdecouple.bounded_weight_norm` (per-channel norm fixed at its initial value). As in the paper's own
+   code (github.com/eladhoffer/norm_matters, ``models/resnet_wn.py``), both weight norms replace each batch norm
+   by a *mean-only* batch norm (:class:`MeanOnlyBatchNorm`: subtract the batch mean, add a learned bias; Salimans
+   & Kingma's recommended companion) and train without weight decay; BatchNorm keeps weight decay 5e-4. Each
+   method runs at every learning rate of ``--wn-lrs`` over the same seeds, and is reported at the one with the
+   lowest mean final *training* loss (the test set plays no part in the choice).
+
+Writes ``results.csv`` (one row per run), ``results.md`` (the summary table) and PNG plots into ``--out``. The table
+is deterministic: the same command prints the same table on the same machine with the same ``--threads`` (each
+run is seeded and runs on its own ``--threads`` CPU threads, in one of ``--jobs`` worker processes; the number of
+jobs does not change the results).
 """
 
 from __future__ import annotations
@@ -29,9 +56,12 @@ import pickle
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
+
+import multiprocessing
 
 import torch
 from torch import Tensor, nn
@@ -104,20 +134,49 @@ def load_cifar10(data_dir: str | os.PathLike, max_train: int | None = None) -> D
     return Data("cifar10", x_train, y_train, x_test, y_test)
 
 
+def load_data(data_dir: str | None, image_size: int = 12, max_train: int | None = None) -> Data:
+    """CIFAR-10 from ``data_dir`` when given, else the digits."""
+    return load_cifar10(data_dir, max_train) if data_dir else load_digits_data(image_size, max_train)
+
+
+def random_shift(x: Tensor, generator: torch.Generator, max_shift: int) -> Tensor:
+    """Each image moved by its own random offset in [-max_shift, max_shift]² pixels, zero padding (augmentation)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------------- models
 
 
-class Affine(nn.Module):
-    """A per-channel scale and shift: what is left of a BatchNorm layer when weight normalization replaces it."""
+class MeanOnlyBatchNorm(nn.Module):
+    """Mean-only batch normalization (Salimans & Kingma 2016, §3.2): subtracts the batch mean per channel (the
+    running mean in eval mode, torch's momentum rule) and adds a learned bias; no division, no learned scale.
+    The companion of weight normalization in the paper's code (its ``MeanBN``), where the weight norm provides the
+    scale."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, momentum: float = 0.1) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
+        self.momentum = momentum
         self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        dims = [0] + list(range(2, x.dim()))
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.weight.reshape(shape) + self.bias.reshape(shape)
+        if self.training:
+            mean = x.mean(dim=dims)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+        else:
+            mean = self.running_mean.to(x.dtype)
+        return x - mean.reshape(shape) + self.bias.reshape(shape)
 
 
 class Block(nn.Module):
@@ -155,23 +214,6 @@ class ResNet(nn.Module):
         x = self.layer2(self.layer1(x))
         return self.fc(x.mean(dim=(2, 3)))
 
-
-def data_dependent_init(model: nn.Module, x: Tensor) -> None:
-    """Weight normalization's data-dependent initialisation (Salimans & Kingma, §3): one forward pass on a batch
-    in which each :class:`Affine` layer, in order, sets its scale and shift so its output channels have mean 0 and
-    standard deviation 1 on that batch. Used for both weight-norm variants; BatchNorm does this at every step."""
-
-    def hook(module: Affine, inputs: tuple[Tensor]) -> None:
-        dims = [0] + list(range(2, inputs[0].dim()))
-        mean, std = inputs[0].mean(dims), inputs[0].std(dims)
-        module.weight.copy_(1 / (std + 1e-5))
-        module.bias.copy_(-mean / (std + 1e-5))
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, Affine)]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
 
 
 def make_mlp(features: int, classes: int, width: int = 128) -> nn.Module:
@@ -242,12 +284,13 @@ def to_input_dtype_l2(model: nn.Module) -> nn.Module:
     return model
 
 
+
 # ------------------------------------------------------------------------------------------------------- the runs
 
 
 @dataclass(frozen=True)
 class Config:
-    """One way of training. ``key`` identifies runs that are the same computation (shared between experiments)."""
+    """One way of training. Runs of equal ``key`` are the same computation (shared between experiments)."""
 
     label: str
     model: str = "resnet"  # "resnet" | "mlp"
@@ -255,15 +298,28 @@ class Config:
     dtype: str = "float32"
     low_precision: bool = False
     input_scale: float = 1.0
-    hook: str = "none"  # "none" | "nslr" | "projection"
+    # Scale-invariant weights: "wd" (weight decay like the rest), "nowd" (weight decay 0, no correction),
+    # "nslr" (weight decay 0 + NormScaledLR), "projection" (weight decay 0 + WeightNormProjection, norm schedule).
+    scheme: str = "wd"
     lr: float = 0.1
+    weight_decay: float = 5e-4  # of every parameter ("wd") or of the others (the other schemes)
+    init_scale: float = 1.0  # the scale-invariant weights are multiplied by this at initialisation
+    long: bool = False  # trains for --decouple-epochs instead of --epochs
+    track: bool = False  # records norm, effective LR and angular update per step
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.norm, self.dtype, self.low_precision, self.input_scale, self.hook, self.lr)
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__ if f != "label")
 
 
-def experiments(half_dtype: str) -> dict[str, list[Config]]:
+WEIGHT_NORMS = {"torch-wn": "torch weight_norm (learned g) + mean-only BN",
+                "bounded-wn": "bounded_weight_norm + mean-only BN"}
+
+
+def experiments(half_dtype: str, *, full: bool = False, wn_lrs: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0),
+                decouple_wd: float = 5e-3, decouple_init_scale: float = 0.4) -> dict[str, list[Config]]:
+    cnn_scales = (1.0, 1000.0) if full else (1000.0,)
+    dec = {"weight_decay": decouple_wd, "init_scale": decouple_init_scale, "long": True, "track": True}
     return {
         "bn": [
             Config("L2 (torch BatchNorm2d)"),
@@ -271,24 +327,24 @@ def experiments(half_dtype: str) -> dict[str, list[Config]]:
             Config("top-k L∞ (k=8)", norm="linf"),
         ],
         "half": [
-            *(Config(f"CNN {half_dtype} ×{s:g}: {lab}", norm=n, dtype=half_dtype, low_precision=True, input_scale=s)
-              for s in (1.0, 1000.0)
-              for lab, n in (("L2 (input dtype)", "l2-input-dtype"), ("L1", "l1"), ("L∞ k=8", "linf"))),
             *(Config(f"MLP float16 ×{s:g}: {lab}", model="mlp", norm=n, dtype="float16", low_precision=True,
                      input_scale=s)
               for s in (1.0, 1000.0)
               for lab, n in (("L2 (input dtype)", "l2-input-dtype"), ("L1", "l1"), ("L∞ k=8", "linf"))),
+            *(Config(f"CNN {half_dtype} ×{s:g}: {lab}", norm=n, dtype=half_dtype, low_precision=True, input_scale=s)
+              for s in cnn_scales
+              for lab, n in (("L2 (input dtype)", "l2-input-dtype"), ("L1", "l1"), ("L∞ k=8", "linf"))),
         ],
         "decouple": [
-            Config("SGD + weight decay, LR steps"),
-            Config("NormScaledLR, no WD, LR steps", hook="nslr"),
-            Config("Projection, no WD, norm steps", hook="projection"),
+            Config(f"SGD + weight decay {decouple_wd:g}, LR steps", **dec),
+            Config("no WD + NormScaledLR, LR steps", scheme="nslr", **dec),
+            Config("no WD + WeightNormProjection, norm steps", scheme="projection", **dec),
+            Config("no WD, no correction (control), LR steps", scheme="nowd", **dec),
         ],
-        "wn": [  # lr 0.1 is the BatchNorm recipe of the other experiments; lr 0.02 for all three as well
-            *(Config(f"{lab}, lr {lr:g}", norm=n, lr=lr)
-              for lr in (0.1, 0.02)
-              for lab, n in (("BatchNorm (L2)", "l2"), ("torch weight_norm (learned g)", "torch-wn"),
-                             ("bounded_weight_norm", "bounded-wn"))),
+        "wn": [
+            *(Config(f"BatchNorm (L2), WD 5e-4, lr {lr:g}", lr=lr) for lr in wn_lrs),
+            *(Config(f"{lab}, lr {lr:g}", norm=n, lr=lr, weight_decay=0.0)
+              for n, lab in WEIGHT_NORMS.items() for lr in wn_lrs),
         ],
     }
 
@@ -296,8 +352,8 @@ def experiments(half_dtype: str) -> dict[str, list[Config]]:
 def build_model(cfg: Config, data: Data, width: int) -> nn.Module:
     if cfg.model == "mlp":
         model = make_mlp(data.x_train[0].numel(), data.classes)
-    elif cfg.norm in ("torch-wn", "bounded-wn"):
-        model = ResNet(data.channels, data.classes, width, norm=Affine)
+    elif cfg.norm in WEIGHT_NORMS:
+        model = ResNet(data.channels, data.classes, width, norm=MeanOnlyBatchNorm)
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 if cfg.norm == "torch-wn":
@@ -320,68 +376,83 @@ def lr_drops(epochs: int) -> list[int]:
     return sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)} - {epochs})
 
 
+def _channel_angles(before: list[Tensor], after: list[Tensor]) -> Tensor:
+    """The angle between each output channel's weight before and after a step, for every weight (radians)."""
+    angles = []
+    for w0, w1 in zip(before, after):
+        u0 = nn.functional.normalize(w0.flatten(1).float(), dim=1)
+        u1 = nn.functional.normalize(w1.flatten(1).float(), dim=1)
+        angles.append(2 * torch.atan2((u0 - u1).norm(dim=1), (u0 + u1).norm(dim=1)))  # accurate for small angles
+    return torch.cat(angles)
+
+
 def train_run(cfg: Config, data: Data, seed: int, epochs: int, width: int, batch_size: int = 64,
-              weight_decay: float = 5e-4, tick: Callable[[], None] = lambda: None) -> dict[str, Any]:
+              shift: int = 2) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = build_model(cfg, data, width)
     dtype = getattr(torch, cfg.dtype)
     x_train = (data.x_train * cfg.input_scale).to(dtype)
     x_test = (data.x_test * cfg.input_scale).to(dtype)
-    example = x_train[:batch_size]
-    if cfg.norm in ("torch-wn", "bounded-wn"):
-        data_dependent_init(model, x_train[: batch_size * 4])
     invariant: list[str] = []
-    if cfg.model == "resnet" and cfg.norm not in ("torch-wn", "bounded-wn"):
-        invariant = nd.scale_invariant_parameters(model, example)
+    if cfg.model == "resnet" and cfg.norm not in WEIGHT_NORMS and (cfg.track or cfg.scheme != "wd"):
+        invariant = nd.scale_invariant_parameters(model, x_train[:batch_size])
     named = dict(model.named_parameters())
-    decoupled = set(invariant) if cfg.hook != "none" else set()
+    with torch.no_grad():
+        for n in invariant:
+            named[n].mul_(cfg.init_scale)
+    decoupled = set(invariant) if cfg.scheme != "wd" else set()
     groups = [
-        {"params": [p for n, p in named.items() if n not in decoupled], "weight_decay": weight_decay},
+        {"params": [p for n, p in named.items() if n not in decoupled], "weight_decay": cfg.weight_decay},
         {"params": [named[n] for n in sorted(decoupled)], "weight_decay": 0.0},
     ]
     opt = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=0.9)
     hook: Any = None
-    if cfg.hook == "nslr":
+    if cfg.scheme == "nslr":
         hook = nd.NormScaledLR(opt, sorted(decoupled), reference="init", model=model)
-    elif cfg.hook == "projection":
+    elif cfg.scheme == "projection":
         hook = nd.WeightNormProjection(opt, sorted(decoupled), radius="init", model=model)
     drops = lr_drops(epochs)
-    # A few scale-invariant weights to follow: the first, one in the middle, the last.
-    tracked = [invariant[0], invariant[len(invariant) // 2], invariant[-1]] if invariant else []
-    tracked = list(dict.fromkeys(tracked))
+    tracked = [named[n] for n in invariant] if cfg.track else []
+    references = [hook.references[n].to(data.x_train.device) for n in invariant] if cfg.scheme == "nslr" else None
     gen = torch.Generator().manual_seed(seed)
-    curve_loss, curve_acc, eff_lr = [], [], {n: [] for n in tracked}
+    curve_loss, curve_acc = [], []
+    trace: dict[str, list[float]] = {"norm": [], "eff_lr": [], "angle": []}
     start = time.perf_counter()
     for epoch in range(epochs):
         if epoch in drops:
-            if cfg.hook == "projection":
-                hook.scale_radius(10 ** 0.5)  # the norm schedule replaces the LR schedule
-            else:
-                for g in opt.param_groups:
+            for g in opt.param_groups:
+                if cfg.scheme == "projection" and g is opt.param_groups[-1]:
+                    hook.scale_radius(10 ** 0.5)  # the norm schedule replaces the LR schedule of these weights
+                else:  # (the others, not scale-invariant, keep the LR schedule in every scheme)
                     g["lr"] /= 10
         model.train()
         losses = []
         for batch in torch.randperm(len(data.y_train), generator=gen).split(batch_size):
             if len(batch) < 2:
                 continue
-            loss = nn.functional.cross_entropy(model(x_train[batch]).float(), data.y_train[batch])
+            x = random_shift(x_train[batch.to(x_train.device)], gen, shift)
+            loss = nn.functional.cross_entropy(model(x).float(), data.y_train[batch.to(x_train.device)])
             opt.zero_grad()
             loss.backward()
+            before = [p.detach().clone() for p in tracked]
+            if tracked:  # the effective LR of this step: lr · f / ‖w_i‖², f the NormScaledLR factor (‖w_i‖/ρ_i)²
+                sq = torch.cat([p.detach().float().flatten(1).square().sum(1) for p in tracked])
+                lr = opt.param_groups[-1]["lr"]
+                eff = lr / torch.cat(references).square() if references is not None else lr / sq
+                trace["eff_lr"].append(eff.mean().item())
             opt.step()
             losses.append(loss.item())
-            with torch.no_grad():
-                for n in tracked:  # effective LR of the direction: lr · (step factor) / ‖w_i‖², channel mean
-                    w = named[n].detach().float().flatten(1)
-                    sq = w.square().sum(1)
-                    factor = sq / hook.references[n].square() if cfg.hook == "nslr" else 1.0
-                    eff_lr[n].append((opt.param_groups[0]["lr"] * factor / sq).mean().item())
+            if tracked:
+                with torch.no_grad():
+                    trace["angle"].append(_channel_angles(before, [p.detach() for p in tracked]).mean().item())
+                    trace["norm"].append(torch.cat([p.detach().float().flatten(1).norm(dim=1)
+                                                    for p in tracked]).mean().item())
         curve_loss.append(sum(losses) / max(len(losses), 1))
         curve_acc.append(evaluate(model, x_test, data.y_test, batch_size * 4))
-        tick()
     finite = all(torch.isfinite(p).all().item() for p in model.parameters()) and math.isfinite(curve_loss[-1])
     return {"test_acc": curve_acc[-1], "train_loss": curve_loss[-1], "finite": finite,
             "seconds": time.perf_counter() - start, "curve_loss": curve_loss, "curve_acc": curve_acc,
-            "eff_lr": eff_lr}
+            "steps_per_epoch": len(losses), **trace}
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
@@ -390,6 +461,21 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
         pairs = zip(x.split(batch_size), y.split(batch_size))
         correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in pairs)
     return correct / len(y)
+
+
+# Worker processes: each loads the data once and runs whole training runs on its own CPU threads.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(data_args: tuple, device: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    data = load_data(*data_args)
+    _WORKER["data"] = Data(data.name, *(t.to(device) for t in (data.x_train, data.y_train, data.x_test,
+                                                               data.y_test)))
+
+
+def _worker_run(cfg: Config, seed: int, epochs: int, width: int, shift: int) -> dict[str, Any]:
+    return train_run(cfg, _WORKER["data"], seed, epochs, width, shift=shift)
 
 
 # -------------------------------------------------------------------------------------------------------- reports
@@ -401,19 +487,65 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def select_wn_lrs(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """For each method of the ``wn`` experiment, the variant (learning rate) with the lowest mean final training
+    loss over seeds (non-finite losses count as infinite; ties go to the smaller LR). ``{method: variant}``."""
+    by_variant: dict[str, list[float]] = {}
+    for r in rows:
+        if r["experiment"] == "wn":
+            loss = r["train_loss"] if math.isfinite(r["train_loss"]) else math.inf
+            by_variant.setdefault(r["variant"], []).append(loss)
+    best: dict[str, tuple[float, float, str]] = {}
+    for variant, losses in by_variant.items():
+        method, lr = variant.rsplit(", lr ", 1)
+        candidate = (statistics.mean(losses), float(lr), variant)
+        if method not in best or candidate < best[method]:
+            best[method] = candidate
+    return {method: b[2] for method, b in best.items()}
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per (experiment, variant): test accuracy and final training loss (mean ± std), finite runs. No
+    timings, so that the same command prints the same table."""
     table: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         table.setdefault((r["experiment"], r["variant"]), []).append(r)
+    selected = set(select_wn_lrs(rows).values())
     out = []
     for (exp, variant), runs in table.items():
         out.append({
-            "experiment": exp, "variant": variant,
+            "experiment": exp, "variant": variant + (" ← tuned" if variant in selected else ""),
             "test accuracy": mean_std([r["test_acc"] for r in runs]),
             "final train loss": mean_std([r["train_loss"] for r in runs]) if all(
                 math.isfinite(r["train_loss"]) for r in runs) else "nan/inf",
             "finite runs": f"{sum(bool(r['finite']) for r in runs)}/{len(runs)}",
-            "s/run": f"{statistics.mean(r['seconds'] for r in runs):.1f}",
+        })
+    return out
+
+
+def dynamics_summary(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, str]]:
+    """The decouple experiment's dynamics per scheme: mean channel norm at the start and end, and the angular
+    update per step averaged over the first and the last 25% of the steps of the first LR phase (mean ± std
+    over seeds)."""
+    out = []
+    for variant, runs in results.items():
+        if not runs[0]["angle"]:
+            continue
+        phase = len(runs[0]["angle"]) * lr_drops(len(runs[0]["curve_loss"]))[0] // len(runs[0]["curve_loss"]) \
+            if lr_drops(len(runs[0]["curve_loss"])) else len(runs[0]["angle"])
+        q = max(1, phase // 4)
+
+        def fmt(values: list[float], digits: int = 4) -> str:
+            if len(values) == 1:
+                return f"{values[0]:.{digits}f}"
+            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+        out.append({
+            "scheme": variant,
+            "‖w‖ first step → last": f"{fmt([r['norm'][0] for r in runs], 2)} → {fmt([r['norm'][-1] for r in runs], 2)}",
+            "angle/step, phase 1 start": fmt([statistics.mean(r["angle"][:q]) for r in runs]),
+            "angle/step, phase 1 end": fmt([statistics.mean(r["angle"][phase - q:phase]) for r in runs]),
+            "eff. LR, phase 1 end": fmt([statistics.mean(r["eff_lr"][phase - q:phase]) for r in runs], 3),
         })
     return out
 
@@ -425,7 +557,20 @@ def markdown(summary: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> list[Path]:
+def _band(ax: Any, x: Any, traces: list[list[float]], color: str, label: str, ls: str = "-") -> None:
+    """The mean over seeds as a line, the seeds' min–max as a band."""
+    t = torch.tensor(traces, dtype=torch.float64)
+    ax.plot(x, t.mean(0).tolist(), color=color, label=label, lw=1.5, ls=ls)
+    if len(traces) > 1:
+        ax.fill_between(x, t.min(0).values.tolist(), t.max(0).values.tolist(), color=color, alpha=0.2, lw=0)
+
+
+def _epoch_means(trace: list[float], steps_per_epoch: int) -> list[float]:
+    return [statistics.mean(trace[i:i + steps_per_epoch]) for i in range(0, len(trace), steps_per_epoch)]
+
+
+def plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path, tuned: set[str] = frozenset()) -> list[Path]:
+    """``{exp}_curves.png`` (in ``wn`` the tuned learning rates only), ``decouple_dynamics.png``, ``wn_lr_sweep.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,35 +578,68 @@ def plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> list
 
     paths = []
     for exp, variants in results.items():
+        if exp == "wn" and tuned:
+            variants = {v + " (tuned)": runs for v, runs in variants.items() if v in tuned}
         colors = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-        for variant, runs in variants.items():
-            for i, r in enumerate(runs):
-                epochs = range(1, len(r["curve_loss"]) + 1)
-                kw = {"label": variant if i == 0 else None, "color": colors(list(variants).index(variant)),
-                      "alpha": 0.8}
-                ax_loss.plot(epochs, r["curve_loss"], **kw)
-                ax_acc.plot(epochs, r["curve_acc"], **kw)
-        ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log", title=f"{exp}: training loss (each seed)")
-        ax_acc.set(xlabel="epoch", ylabel="test accuracy", title=f"{exp}: test accuracy (each seed)")
-        ax_acc.legend(fontsize=7)
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for i, (variant, runs) in enumerate(variants.items()):
+            epochs = list(range(1, len(runs[0]["curve_loss"]) + 1))
+            _band(ax_loss, epochs, [r["curve_loss"] for r in runs], colors(i), variant)
+            _band(ax_acc, epochs, [r["curve_acc"] for r in runs], colors(i), variant)
+        ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log",
+                    title=f"{exp}: training loss (mean, band: min–max over seeds)")
+        ax_acc.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1.02),
+                   title=f"{exp}: test accuracy (mean, band: min–max over seeds)")
+        ax_acc.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out / f"{exp}_curves.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     if "decouple" in results:
-        variants = results["decouple"]
-        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), sharey=True, squeeze=False)
-        for ax, (variant, runs) in zip(axes[0], variants.items()):
-            for j, (name, trace) in enumerate(runs[0]["eff_lr"].items()):
-                ax.plot(trace, label=name, color=f"C{j}")
-            ax.set(title=variant, xlabel="step", yscale="log")
-        axes[0][0].set_ylabel("effective LR  lr·f/‖w_i‖² (channel mean)")
-        axes[0][0].legend(fontsize=7)
+        variants = {v: runs for v, runs in results["decouple"].items() if runs[0]["angle"]}
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        for i, (variant, runs) in enumerate(variants.items()):
+            spe, ls = runs[0]["steps_per_epoch"], ["-", "--", ":", "-."][i % 4]
+            x = [(k + 1) / spe for k in range(len(runs[0]["norm"]))]
+            _band(axes[0], x, [r["norm"] for r in runs], f"C{i}", variant, ls)
+            _band(axes[1], x, [r["eff_lr"] for r in runs], f"C{i}", variant, ls)
+            ep = list(range(1, len(runs[0]["curve_loss"]) + 1))
+            _band(axes[2], ep, [_epoch_means(r["angle"], spe) for r in runs], f"C{i}", variant, ls)
+        axes[0].set(xlabel="epoch", ylabel="mean channel norm ‖w_i‖", yscale="log",
+                    title="weight norm (scale-invariant weights)")
+        axes[1].set(xlabel="epoch", ylabel="lr · f / ‖w_i‖²  (channel mean)", yscale="log",
+                    title="effective learning rate")
+        axes[2].set(xlabel="epoch", ylabel="angle(w_t, w_t+1) per step, rad (epoch mean)", yscale="log",
+                    title="angular update per step")
+        axes[0].legend(fontsize=8)
+        fig.suptitle("decouple: mean over seeds, band = min–max over seeds; LR ÷10 (or radius ×√10) at 50% and 75%")
         fig.tight_layout()
-        path = out / "decouple_effective_lr.png"
-        fig.savefig(path, dpi=100)
+        path = out / "decouple_dynamics.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    if "wn" in results:
+        methods: dict[str, dict[float, list[float]]] = {}
+        for variant, runs in results["wn"].items():
+            method, lr = variant.rsplit(", lr ", 1)
+            methods.setdefault(method, {})[float(lr)] = [r["test_acc"] for r in runs]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (method, accs) in enumerate(methods.items()):
+            lrs = sorted(accs)
+            means = [statistics.mean(accs[lr]) for lr in lrs]
+            ax.plot(lrs, means, "o-", color=f"C{i}", label=method)
+            for lr in lrs:
+                ax.scatter([lr] * len(accs[lr]), accs[lr], color=f"C{i}", s=10, alpha=0.5)
+        all_lrs = sorted({lr for accs in methods.values() for lr in accs})
+        ax.set(xscale="log", xlabel="learning rate", ylabel="final test accuracy", ylim=(0, 1.02),
+               title="wn: learning-rate sweep (line: mean; dots: seeds)")
+        ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs])
+        ax.minorticks_off()
+        ax.legend(fontsize=8, loc="lower left")
+        fig.tight_layout()
+        path = out / "wn_lr_sweep.png"
+        fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -472,54 +650,91 @@ def plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> list
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="longer settings: 5 seeds, 30 epochs, width 32")
+    parser.add_argument("--full", action="store_true",
+                        help="longer settings: 5 seeds, 15 epochs (decouple 45), width 32, "
+                        "the bf16 CNN at input scale 1 too")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --full: 5)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8; --full: 30)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8; --full: 15)")
+    parser.add_argument("--decouple-epochs", type=int, default=None,
+                        help="epochs of the decouple runs (default 20; --full: 45)")
     parser.add_argument("--width", type=int, default=None, help="CNN base width (default 16; --full: 32)")
     parser.add_argument("--out", default="outputs/reproduce", help="output folder (default ./outputs/reproduce)")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 python-pickle folder; default: sklearn digits")
     parser.add_argument("--image-size", type=int, default=12, help="digits are zero-padded to this size")
     parser.add_argument("--max-train", type=int, default=None, help="use only this many training images")
+    parser.add_argument("--shift", type=int, default=2, help="random-shift augmentation, pixels (0: none)")
     parser.add_argument("--experiments", default="bn,half,decouple,wn", help="comma-separated subset")
+    parser.add_argument("--wn-lrs", default=None,
+                        help="learning rates of the wn sweep (default 0.03,0.1,0.3,1)")
+    parser.add_argument("--decouple-wd", type=float, default=5e-3, help="weight decay of the decouple WD scheme")
+    parser.add_argument("--decouple-init-scale", type=float, default=0.4,
+                        help="the decouple runs' scale-invariant weights start at this × their default init")
     parser.add_argument("--half-dtype", default=None, choices=["bfloat16", "float16"],
                         help="dtype of the pure-half CNN (default: float16 on CUDA, bfloat16 on CPU, whose fp16 "
                         "convolutions are ~50x slower)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; use 1 on a machine busy with other work)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run (default 1; the results depend on it, not on --jobs)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs trained in parallel worker processes (default: min(2, CPU count); 1 on CUDA)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seeds = args.seeds or (5 if args.full else 3)
-    epochs = args.epochs or (30 if args.full else 8)
+    epochs = args.epochs or (15 if args.full else 8)
+    decouple_epochs = args.decouple_epochs or (45 if args.full else 20)
     width = args.width or (32 if args.full else 16)
+    jobs = 1 if device.type == "cuda" else max(1, args.jobs or min(2, os.cpu_count() or 1))
+    wn_lrs = tuple(float(v) for v in (args.wn_lrs or ("0.03,0.1,0.3,1"))
+                   .split(","))
     half_dtype = args.half_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     chosen = [e.strip() for e in args.experiments.split(",") if e.strip()]
-    all_exps = experiments(half_dtype)
+    all_exps = experiments(half_dtype, full=args.full, wn_lrs=wn_lrs, decouple_wd=args.decouple_wd,
+                           decouple_init_scale=args.decouple_init_scale)
     unknown = set(chosen) - set(all_exps)
     if unknown:
         parser.error(f"unknown experiments {sorted(unknown)}; choose from {list(all_exps)}")
-    data = load_cifar10(args.data_dir, args.max_train) if args.data_dir else load_digits_data(args.image_size,
-                                                                                               args.max_train)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device, seeds, epochs, decouple_epochs, width, jobs, chosen, all_exps, argv)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, device: torch.device, seeds: int, epochs: int, decouple_epochs: int, width: int,
+         jobs: int, chosen: list[str], all_exps: dict[str, list[Config]], argv: list[str] | None) -> Path:
+    data_args = (args.data_dir, args.image_size, args.max_train)
+    data = load_data(*data_args)
     data = Data(data.name, *(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{data.name}: {len(data.y_train)} train / {len(data.y_test)} test images of {tuple(data.x_train.shape[1:])}"
-          f"; {seeds} seeds × {epochs} epochs, width {width}; torch {torch.__version__}, "
-          f"{device}, {torch.get_num_threads()} CPU threads")
+          f"; {seeds} seeds × {epochs} epochs (decouple {decouple_epochs}), width {width}, shift ±{args.shift} px; "
+          f"torch {torch.__version__}, {device}, {args.threads} thread(s) per run, {jobs} job(s)")
 
     unique: dict[tuple, Config] = {}
     for exp in chosen:
         for cfg in all_exps[exp]:
             unique.setdefault(cfg.key, cfg)
-    total = len(unique) * seeds * epochs
+    tasks = [(cfg, seed, decouple_epochs if cfg.long else epochs) for cfg in unique.values() for seed in range(seeds)]
+    tasks.sort(key=lambda t: -t[2])  # the long runs first: the workers finish together
     cache: dict[tuple, dict[str, Any]] = {}
     start = time.perf_counter()
-    with _progress(total) as tick:
-        for cfg in unique.values():
-            for seed in range(seeds):
-                cache[(cfg.key, seed)] = train_run(cfg, data, seed, epochs, width, tick=tick)
+    with _progress(sum(t[2] for t in tasks)) as tick:
+        if jobs == 1:
+            for cfg, seed, n in tasks:
+                cache[(cfg.key, seed)] = train_run(cfg, data, seed, n, width, shift=args.shift)
+                tick(n)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(data_args, str(device), args.threads)) as pool:
+                futures = {pool.submit(_worker_run, cfg, seed, n, width, args.shift): (cfg, seed, n)
+                           for cfg, seed, n in tasks}
+                for future in as_completed(futures):
+                    cfg, seed, n = futures[future]
+                    cache[(cfg.key, seed)] = future.result()
+                    tick(n)
     wall = time.perf_counter() - start
 
     rows, results = [], {}
@@ -529,27 +744,38 @@ def main(argv: list[str] | None = None) -> Path:
             for seed in range(seeds):
                 r = cache[(cfg.key, seed)]
                 results[exp].setdefault(cfg.label, []).append(r)
-                rows.append({"experiment": exp, "variant": cfg.label, "seed": seed, "epochs": epochs,
-                             "dtype": cfg.dtype, "input_scale": cfg.input_scale, "lr": cfg.lr,
-                             "test_acc": r["test_acc"],
-                             "train_loss": r["train_loss"], "finite": r["finite"], "seconds": r["seconds"]})
+                rows.append({"experiment": exp, "variant": cfg.label, "seed": seed,
+                             "epochs": decouple_epochs if cfg.long else epochs, "dtype": cfg.dtype,
+                             "input_scale": cfg.input_scale, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                             "test_acc": r["test_acc"], "train_loss": r["train_loss"], "finite": r["finite"],
+                             "final_norm": r["norm"][-1] if r["norm"] else "",
+                             "seconds": round(r["seconds"], 1)})
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     summary = summarise(rows)
-    table = markdown(summary)
+    dynamics = dynamics_summary(results["decouple"]) if "decouple" in results else []
     command = "python -m examples.reproduce" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     header = (f"`{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-              f"{device}: {data.name}, {seeds} seeds × {epochs} epochs, width {width}. Test accuracy and final "
-              f"training loss: mean ± std over seeds. Training time {wall:.0f} s.\n\n")
-    footer = ("\n`finite runs`: runs whose weights and final loss are finite. An fp16 L2 batch norm whose variance "
-              "overflows divides by inf and outputs zeros, not NaN: such runs stay finite and learn nothing (accuracy "
-              "of a constant prediction).\n")
-    (out / "results.md").write_text(header + table + footer)
-    plots = plot(results, out)
-    _print_table(summary)
-    print(f"training time {wall:.0f} s; wrote {out / 'results.csv'}, {out / 'results.md'} and "
+              f"{device}, {args.threads} thread(s) per run, {jobs} job(s): {data.name}, {seeds} seeds × {epochs} "
+              f"epochs (decouple {decouple_epochs}), width {width}, random shifts ±{args.shift} px. Test accuracy "
+              f"and final training loss (mean over the last epoch): mean ± std over seeds. Training time {wall:.0f} s "
+              f"wall.\n\n")
+    text = header + markdown(summary)
+    if dynamics:
+        text += ("\nDecouple dynamics (scale-invariant weights, every channel; phase 1 = before the first LR drop, "
+                 "its first and last 25% of steps):\n\n" + markdown(dynamics))
+    text += ("\n`← tuned`: in `wn`, the learning rate with the lowest mean final training loss of each method. "
+             "`finite runs`: runs whose weights and final loss are finite. An fp16 L2 batch norm whose variance "
+             "overflows divides by inf and outputs zeros, not NaN: such runs stay finite and learn nothing (accuracy "
+             "of a constant prediction).\n")
+    (out / "results.md").write_text(text)
+    plots = plot(results, out, set(select_wn_lrs(rows).values()))
+    _print_table(summary, "results (mean ± std over seeds)")
+    if dynamics:
+        _print_table(dynamics, "decouple dynamics (mean ± std over seeds)")
+    print(f"training time {wall:.0f} s wall; wrote {out / 'results.csv'}, {out / 'results.md'} and "
           f"{len(plots)} plots to {out.resolve()}")
     return out
 
@@ -560,7 +786,7 @@ class _progress:
     def __init__(self, total: int) -> None:
         self.total, self.done = total, 0
 
-    def __enter__(self) -> Callable[[], None]:
+    def __enter__(self) -> Callable[[int], None]:
         try:
             from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
@@ -568,13 +794,13 @@ class _progress:
                                 "{task.completed}/{task.total} epochs", TimeElapsedColumn(), TimeRemainingColumn())
             self.bar.start()
             task = self.bar.add_task("training", total=self.total)
-            return lambda: self.bar.advance(task)
+            return lambda n: self.bar.advance(task, n)
         except ImportError:
             self.bar = None
 
-            def tick() -> None:
-                self.done += 1
-                if self.done * 10 // self.total != (self.done - 1) * 10 // self.total:
+            def tick(n: int) -> None:
+                before, self.done = self.done, self.done + n
+                if self.done * 10 // self.total != before * 10 // self.total:
                     print(f"training: {self.done}/{self.total} epochs", flush=True)
 
             return tick
@@ -584,18 +810,19 @@ class _progress:
             self.bar.stop()
 
 
-def _print_table(summary: list[dict[str, str]]) -> None:
+def _print_table(summary: list[dict[str, str]], title: str) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title="results (mean ± std over seeds)")
+        table = Table(title=title)
         for c in summary[0]:
             table.add_column(c)
         for row in summary:
             table.add_row(*row.values())
-        Console(width=140).print(table)
+        Console(width=160).print(table)
     except ImportError:
+        print(title)
         print(markdown(summary))
 
 

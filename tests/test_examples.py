@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 from examples import reproduce  # noqa: E402
 
-TINY = ["--epochs", "1", "--seeds", "1", "--max-train", "128", "--width", "4"]
+TINY = ["--epochs", "1", "--decouple-epochs", "2", "--seeds", "1", "--max-train", "128", "--width", "4", "--jobs", "1"]
 
 
 def test_reproduce_tiny_writes_csv_markdown_and_plots(tmp_path, capsys):
@@ -28,10 +28,16 @@ def test_reproduce_tiny_writes_csv_markdown_and_plots(tmp_path, capsys):
     for r in rows:
         assert 0.0 <= float(r["test_acc"]) <= 1.0
     md = (out / "results.md").read_text()
-    assert md.count("\n|") == len(expected) + 2  # column names, rule, one line per variant
+    decouple = [c for c in reproduce.experiments("bfloat16")["decouple"]]
+    # column names, rule, one line per variant; then the decouple dynamics: column names, rule, one line per scheme
+    assert md.count("\n|") == len(expected) + 2 + len(decouple) + 2
+    assert sum(line.startswith("| wn") and "← tuned" in line for line in md.splitlines()) == 3  # one LR per method
     for exp in ("bn", "half", "decouple", "wn"):
         assert (out / f"{exp}_curves.png").stat().st_size > 1000
-    assert (out / "decouple_effective_lr.png").stat().st_size > 1000
+    assert (out / "decouple_dynamics.png").stat().st_size > 1000
+    assert (out / "wn_lr_sweep.png").stat().st_size > 1000
+    control = [r for r in rows if r["experiment"] == "decouple" and "control" in r["variant"]]
+    assert len(control) == 1 and float(control[0]["final_norm"]) > 0
     printed = capsys.readouterr().out
     assert "results.csv" in printed and str(out.resolve()) in printed
 
@@ -44,6 +50,32 @@ def test_reproduce_seeds_and_subset(tmp_path):
     assert " ± " in (out / "results.md").read_text()
     with pytest.raises(SystemExit):
         reproduce.main(["--experiments", "nope", "--out", str(tmp_path)])
+
+
+def test_reproduce_is_deterministic_and_independent_of_jobs(tmp_path):
+    """The same command prints the same table; worker processes change nothing (each run has its own threads)."""
+    args = TINY + ["--experiments", "decouple", "--seeds", "2", "--decouple-epochs", "1"]
+    tables = []
+    for jobs in ("1", "2"):
+        out = reproduce.main(args + ["--jobs", jobs, "--out", str(tmp_path / jobs)])
+        tables.append((out / "results.md").read_text().split("\n", 1)[1])  # all but the dated header line
+    assert tables[0] == tables[1]
+
+
+def test_wn_learning_rate_selection_uses_training_loss_only():
+    rows = [{"experiment": "wn", "variant": f"M, lr {lr}", "train_loss": loss, "test_acc": acc}
+            for lr, loss, acc in ((0.1, 0.5, 0.99), (0.3, 0.2, 0.50), (1.0, float("nan"), 0.99))]
+    assert reproduce.select_wn_lrs(rows) == {"M": "M, lr 0.3"}
+
+
+def test_random_shift_moves_images_within_the_padding():
+    x = torch.zeros(5, 1, 12, 12)
+    x[:, :, 5, 5] = 1.0
+    shifted = reproduce.random_shift(x, torch.Generator().manual_seed(0), 2)
+    assert shifted.shape == x.shape and torch.equal(shifted.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    rows, cols = shifted[:, 0].nonzero()[:, 1], shifted[:, 0].nonzero()[:, 2]
+    assert ((rows - 5).abs() <= 2).all() and ((cols - 5).abs() <= 2).all()
+    assert torch.equal(reproduce.random_shift(x, torch.Generator(), 0), x)
 
 
 def _fake_cifar(folder, batches=(1, 2), n=6):
@@ -70,7 +102,7 @@ def test_cifar10_loader_reads_the_pickle_folder(tmp_path):
 def test_reproduce_runs_on_a_cifar_folder(tmp_path):
     _fake_cifar(tmp_path, n=10)
     out = reproduce.main(["--data-dir", str(tmp_path), "--experiments", "bn,half", "--epochs", "1", "--seeds",
-                          "1", "--width", "4", "--out", str(tmp_path / "out")])
+                          "1", "--width", "4", "--jobs", "1", "--out", str(tmp_path / "out")])
     assert (out / "results.csv").exists()
 
 
