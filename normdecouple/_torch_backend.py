@@ -33,6 +33,7 @@ from .stats import (
     canonical,
     channel_major,
     channel_major_abs_dev,
+    channel_sums,
     computes_in_input_dtype,
     hypot_eps,
     input_grad,
@@ -55,14 +56,16 @@ __all__ = ["LpBatchNormFunction", "normalise", "differentiable_batch_norm", "bac
 
 
 def normalise(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, scale: Tensor, eps: float, lowp: bool
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, scale: Tensor, eps: float, lowp: bool,
+    centred: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """y = (x - mean) / sqrt(s^2 + eps) * weight + bias, and 1/s_e in :func:`accumulate_dtype`.
 
     Full precision: torch's own fused eval-mode kernel with (mean, s^2) standing in for the running statistics
     (one pass, any layout, mixed dtypes). Low precision: elementwise ops in the input dtype (each rounded to it,
     in place after the first) and a square-free s_e. Shared by the unsynchronised and the synchronised
-    (``distributed``) paths.
+    (``distributed``) paths. ``centred`` (low precision only): ``x - mean`` already computed in x's shape, which
+    is then overwritten with y.
     """
     acc = accumulate_dtype(x.dtype)
     if not lowp:
@@ -82,7 +85,7 @@ def normalise(
     if x.numel() == 0:
         return torch.empty_like(x), inv_std
     mult = 1.0 / scale_e if weight is None else weight.to(x.dtype) / scale_e
-    y = (x - per_channel(mean, x)).mul_(per_channel(mult, x))
+    y = (x - per_channel(mean, x) if centred is None else centred).mul_(per_channel(mult, x))
     if bias is not None:
         y = y.add_(per_channel(bias.to(x.dtype), x))
     return y, inv_std
@@ -105,17 +108,22 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     by the subtraction itself.
     """
     acc = accumulate_dtype(x.dtype)
-    view = canonical(x, is_channels_last(x))
-    mean = pairwise_channel_mean(view) if lowp else view.mean(dim=(0, 2), dtype=acc)
-    threshold = top = None
+    channels_last = is_channels_last(x)
+    view = canonical(x, channels_last)
+    mean = pairwise_channel_mean(view) if lowp else channel_sums(view, acc) / n
+    threshold = top = centred = None
+    # Low precision normalises d = x - mean elementwise: computed once, for |d| and for y.
+    dev = (view - mean[:, None]) if lowp else None
     if norm is Norm.L1:
-        scale = l1_scale((view - mean[:, None]).abs_(), n, lowp)
+        scale = l1_scale(dev.abs() if lowp else (view - mean[:, None]).abs_(), n, lowp)
     else:
-        rows = channel_major_abs_dev(view, mean)
+        rows = channel_major_abs_dev(view, mean, dev)
         top = linf_top(rows, k, TOPK_SPARE)
         del rows
         scale, threshold = linf_top_scale(top[0], n, k, lowp)
-    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp)
+    if lowp:
+        centred = uncanonical(dev, x.shape, channels_last)
+    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp, centred)
     if lowp:
         return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold, top
     return y, mean, scale, inv_std, None, threshold, top
@@ -129,6 +137,13 @@ def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 def _forward_lowp(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int):
     """:func:`_forward` with statistics in the input dtype: ``(y, mean, scale, inv_std, lowp_mean, t)``."""
     return _forward(x, weight, bias, eps, norm, k, n, lowp=True)[:6]
+
+
+def _scale_shift(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
+    """``v * mult + shift`` per channel of an (A, C, B) view, in v's dtype: torch's eval-mode batch-norm kernel
+    (statistics 0 and 1, eps 0), one pass at any layout and one rounding for half inputs with float32 vectors."""
+    zeros = torch.zeros_like(mult)
+    return torch.batch_norm(v, mult, shift, zeros, torch.ones_like(mult), False, 0.0, 0.0, False)
 
 
 def _sum_u_sparse(view: Tensor, dev_mean: Tensor, threshold: Tensor, k: int, acc: torch.dtype,
@@ -206,19 +221,23 @@ class LpBatchNormFunction(torch.autograd.Function):
             dev_mean = batch_mean if lowp_mean is None else lowp_mean
             factor = scale_factor(ctx.norm, n, ctx.k)
             if ctx.norm is Norm.L1:
-                # sign(fl(x - mu)) = sign(x - mu) in any precision, so u is computed straight in acc (exact
-                # also for the low-precision mean) and the gradient is written over it.
-                u = (view - dev_mean.to(acc)[:, None]).sign_()
-                sum_u = u.sum(dim=(0, 2))
+                u = (view - dev_mean[:, None]).sign_()
+                sum_u = channel_sums(u, acc)
                 coef, offset = input_grad_coefficients(sum_dy, sum_dy_xhat, sum_u, gamma, scale, inv_std, n, factor)
-                grad_x = input_grad(dy, u, gamma, inv_std, coef, offset, out=u)
+                if u.dtype == acc == x.dtype:
+                    grad_x = input_grad(dy, u, gamma, inv_std, coef, offset, out=u)
+                else:
+                    # Half inputs: dy * gamma / s_e + offset by torch's fused kernel straight into the input dtype,
+                    # then the sign term (u is exact in any dtype): two roundings, no float32 copies of dy and u.
+                    grad_x = _scale_shift(dy, gamma * inv_std, offset)
+                    grad_x.addcmul_(u.to(x.dtype), coef.to(x.dtype)[:, None])
             elif can_read_on_host(x):
                 # Only the values at or above the k-th largest |d| carry the scale's gradient.
                 top = None if top_values is None else (top_values, top_positions)
                 index, u_selected, sum_u = _sum_u_sparse(view, dev_mean, threshold, ctx.k, acc, top)
                 coef, offset = input_grad_coefficients(sum_dy, sum_dy_xhat, sum_u, gamma, scale, inv_std, n, factor)
-                grad_x = torch.mul(dy, (gamma * inv_std)[:, None]).add_(offset[:, None])
-                grad_x.index_put_(index, coef[index[1]] * u_selected, accumulate=True)
+                grad_x = _scale_shift(dy, gamma * inv_std, offset)
+                grad_x.index_put_(index, (coef[index[1]] * u_selected).to(grad_x.dtype), accumulate=True)
             else:
                 # Traced graphs (compile, export, meta and fake tensors) cannot have the sparse form's
                 # data-dependent shapes.

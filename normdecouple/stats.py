@@ -45,6 +45,10 @@ from torch import Tensor
 
 from ._constants import L1_SCALE, topk_constant
 
+#: Values per block of :func:`linf_top`'s prefilter on long rows (a power of two: the block is the largest power
+#: of two dividing n, at most this; below 8 the plain ``topk`` is used).
+TOPK_BLOCK = 64
+
 __all__ = [
     "Norm",
     "accumulate_dtype",
@@ -58,6 +62,7 @@ __all__ = [
     "pairwise_channel_mean",
     "hypot_eps",
     "traceable_topk_constant",
+    "channel_sums",
     "l1_scale",
     "linf_scale",
     "channel_major_abs_dev",
@@ -222,6 +227,21 @@ def scale_factor(norm: Norm, n: int, k: int) -> float | Tensor:
     return n / (k * traceable_topk_constant(n, k))
 
 
+def channel_sums(v: Tensor, acc: torch.dtype) -> Tensor:
+    """Sums of an (A, C, B) view over dims (0, 2), accumulated and returned in ``acc``.
+
+    Half inputs, and the (A, C, 1) views of channels_last inputs, are summed by torch's batch-norm backward
+    reduction (as the bias gradient of ``v`` itself): twice as fast there as ``sum``, which first converts a
+    half tensor to ``acc`` and reduces the strided dimension slowly. Not for traced graphs (an aten op).
+    """
+    if v.dtype == acc and v.shape[2] > 1 or torch.compiler.is_compiling() or v.numel() == 0:
+        return v.sum(dim=(0, 2), dtype=acc)
+    zeros = torch.zeros(v.shape[1], dtype=acc, device=v.device)
+    return torch.ops.aten.native_batch_norm_backward(
+        v, v, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, False, True]
+    )[2]
+
+
 def l1_scale(abs_dev: Tensor, n: int, lowp: bool) -> Tensor:
     """s = sqrt(pi/2) mean|d| from |d| laid out as (A, C, B), or as (C, n) when ``lowp``.
 
@@ -231,7 +251,7 @@ def l1_scale(abs_dev: Tensor, n: int, lowp: bool) -> Tensor:
     if lowp:
         mean = pairwise_channel_mean(abs_dev) if abs_dev.dim() == 3 else pairwise_mean(abs_dev)
         return mean * L1_SCALE
-    return abs_dev.sum(dim=(0, 2)) * (L1_SCALE / n)
+    return channel_sums(abs_dev, abs_dev.dtype) * (L1_SCALE / n)
 
 
 def linf_scale(abs_dev: Tensor, n: int, k: int, lowp: bool) -> tuple[Tensor, Tensor]:
@@ -244,29 +264,47 @@ def linf_scale(abs_dev: Tensor, n: int, k: int, lowp: bool) -> tuple[Tensor, Ten
     return linf_top_scale(values, n, k, lowp)
 
 
-def channel_major_abs_dev(view: Tensor, mean: Tensor) -> Tensor:
+def channel_major_abs_dev(view: Tensor, mean: Tensor, dev: Tensor | None = None) -> Tensor:
     """|d| = |x - mean| of an (A, C, B) view as (C, n) rows, the subtraction writing the channel-major layout.
 
     One pass instead of a subtraction and a copy; the values are those of ``(view - mean[:, None]).abs()``
-    (the same operation and dtypes, elementwise).
+    (the same operation and dtypes, elementwise). ``dev``: d already computed (A, C, B); then only |d| is
+    written, channel-major.
     """
     if torch.compiler.is_compiling():
         # The compiler fuses the subtraction with the copy itself (and mishandles ``out=`` with dynamic shapes).
-        return channel_major((view - mean[:, None]).abs())
+        return channel_major((view - mean[:, None]).abs() if dev is None else dev.abs())
     a, c, b = view.shape
     rows = torch.empty((c, a, b), dtype=torch.promote_types(view.dtype, mean.dtype), device=view.device)
+    if dev is not None:
+        return torch.abs(dev.transpose(0, 1), out=rows).view(c, a * b)
     torch.sub(view.transpose(0, 1), mean[:, None, None], out=rows)
     return rows.abs_().view(c, a * b)
 
 
 def linf_top(rows: Tensor, k: int, spare: int = 0) -> tuple[Tensor, Tensor]:
-    """The min(n, k + spare) largest values of each (C, n) row, largest first, and their positions in the row.
+    """The K = min(n, k + spare) largest values of each (C, n) row, largest first, and their positions in the row.
 
     ``spare`` places beyond k let :func:`linf_selected_from_top` find the values tied with the k-th without
-    another pass over the data.
+    another pass over the data. Which of several equal values is returned is unspecified (as for ``topk``).
+
+    For long rows the top-K is taken among the K blocks (of ``TOPK_BLOCK`` or fewer values) with the largest
+    maxima: each of those blocks holds a value at least as large as any value outside them, so the K largest of
+    their union are the K largest of the row. One max-reduction over contiguous blocks replaces ``topk`` over the
+    whole row, whose CPU kernel first copies every value with its index.
     """
-    top = rows.topk(min(rows.shape[1], k + spare), dim=1, sorted=True)
-    return top.values, top.indices
+    c, n = rows.shape
+    count = min(n, k + spare)
+    block = min(TOPK_BLOCK, n & -n)  # the largest power of two dividing n, at most TOPK_BLOCK
+    if block < 8 or n < 8 * count * block or torch.compiler.is_compiling():
+        top = rows.topk(count, dim=1, sorted=True)
+        return top.values, top.indices
+    blocks = rows.view(c, n // block, block)
+    best = blocks.amax(dim=2).topk(count, dim=1, sorted=False).indices
+    candidates = blocks.gather(1, best[:, :, None].expand(c, count, block)).view(c, count * block)
+    top = candidates.topk(count, dim=1, sorted=True)
+    slot = torch.div(top.indices, block, rounding_mode="floor")
+    return top.values, best.gather(1, slot) * block + top.indices % block
 
 
 def linf_top_scale(values: Tensor, n: int, k: int, lowp: bool) -> tuple[Tensor, Tensor]:
