@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F_nd
-from ._torch_backend import _forward, differentiable_batch_norm, normalise
+from ._torch_backend import _forward, differentiable_batch_norm
 from .stats import (
     Norm,
     accumulate_dtype,
@@ -54,7 +54,6 @@ from .stats import (
     input_grad,
     input_grad_coefficients,
     is_channels_last,
-    l1_scale,
     linf_tie_weights,
     scale_factor,
     uncanonical,
@@ -169,25 +168,18 @@ def _per_channel_absmax(r: Tensor) -> Tensor:
     return torch.maximum(r.amax(dim=dims).abs(), r.amin(dim=dims).abs())
 
 
-def _l1_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n: int):
-    """The L1 training forward of :mod:`normdecouple._torch_backend` (same operations, same values) that also
-    packs sign(x - mu) from the deviations it computes anyway and finds the channels with a deviation of 0
-    (their |d| minimum), instead of two more comparisons with the input."""
-    acc = accumulate_dtype(x.dtype)
-    view = canonical(x, is_channels_last(x))
-    mean = view.mean(dim=(0, 2), dtype=acc)
-    dev = view - mean[:, None]
-    if dev.device.type == "cpu":
-        # numpy's SIMD comparison and packing: about 4x faster than torch's comparison to a bool tensor.
-        signs = torch.from_numpy(np.packbits(dev.numpy() > 0, bitorder="little"))
-    else:
-        signs = pack_bits(dev > 0)
-    abs_dev = dev.abs_()
-    scale = l1_scale(abs_dev, n, lowp=False)
-    has_zero = abs_dev.amin(dim=(0, 2)) == 0
-    del dev, abs_dev
-    y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp=False)
-    return y, mean, scale, inv_std, signs, has_zero
+def _sign_bits(view: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed bits of ``view > mean`` and, per channel, whether a value equals its mean.
+
+    These are sign(x - mu) as the unfused backward computes it: x - mu rounds to 0 only where x == mu, and the
+    comparisons promote as the subtraction does. On the CPU numpy's SIMD comparisons (about 4x faster than
+    torch's comparisons to a bool tensor); bf16 (which numpy lacks) and other devices use torch.
+    """
+    if view.device.type == "cpu" and torch.bfloat16 not in (view.dtype, mean.dtype):
+        values, centre = view.detach().numpy(), mean.detach().numpy()
+        bits = torch.from_numpy(np.packbits(values > centre, bitorder="little"))
+        return bits, torch.from_numpy((values == centre).any(axis=(0, 2)))
+    return pack_bits(view > mean), (view == mean).any(dim=(0, 2))
 
 
 class LpBatchNormActFunction(torch.autograd.Function):
@@ -205,14 +197,9 @@ class LpBatchNormActFunction(torch.autograd.Function):
                 keep_input):
         n = x.numel() // x.shape[1]
         lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
-        signs = has_zero = None
-        if norm is Norm.L1 and not lowp:
-            y, batch_mean, scale, inv_std, signs, has_zero = _l1_forward(x, weight, bias, eps, n)
-            lowp_mean = threshold = top = None
-        else:
-            # L∞: ``top`` holds the sorted largest |d| of each channel (k and a few more) and their positions.
-            y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n,
-                                                                                lowp)
+        # The unfused layer's own forward (same values); for L∞ ``top`` holds the sorted largest |d| of each
+        # channel (k and a few more) and their positions in the channel-major row.
+        y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n, lowp)
         if residual is not None:
             y = y.add_(residual)
         y = activate(y, activation, negative_slope, inplace=True)
@@ -228,13 +215,10 @@ class LpBatchNormActFunction(torch.autograd.Function):
         # Recovery loses about u * (|beta| + max|r|) / |gamma| of x_hat (u the unit roundoff), and subnormal
         # outputs about u * tiny / |gamma|: keep the inputs of channels where that exceeds u * max_gain.
         poor = gamma.abs() * max_gain(x.dtype) <= spread + 2 * torch.finfo(x.dtype).tiny
-        if has_zero is not None:
-            poor |= has_zero
-        elif norm is Norm.L1:
-            # sign(x - mu) as the unfused backward computes it: x - mu rounds to 0 only where x == mu (the
-            # comparisons promote as the subtraction does).
-            poor |= (view == dev_mean).any(dim=(0, 2))
-            signs = pack_bits(view > dev_mean)
+        if norm is Norm.L1:
+            # A value at the mean has sign 0, which one bit cannot hold: that channel keeps its input.
+            signs, has_zero = _sign_bits(view, dev_mean)
+            poor |= has_zero.to(poor.device)
         else:
             values, indices = top
             threshold = threshold.clone()  # a view of the candidates: keep (C,) values, not the candidates
