@@ -50,6 +50,7 @@ from ._torch_backend import _forward, differentiable_batch_norm
 from .stats import (
     Norm,
     accumulate_dtype,
+    can_read_on_host,
     canonical,
     input_grad,
     input_grad_coefficients,
@@ -394,7 +395,9 @@ def _check_residual(input: Tensor, residual: Tensor | None) -> None:
 
 def _unfusable(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None) -> bool:
     """Whether the memory-saving Function cannot serve this call (it then runs unfused, with the same values)."""
-    if torch.compiler.is_compiling():
+    if not can_read_on_host(input):
+        # Compiled, exported, meta and fake tensors, torch.func: the fused forward reads the channels that keep
+        # their inputs on the host (a data-dependent shape).
         return True
     if F_nd._needs_differentiable_path(input, weight):
         return True

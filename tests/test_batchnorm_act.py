@@ -312,6 +312,22 @@ def test_torch_func_takes_the_unfused_path():
     torch.testing.assert_close(got, want)
 
 
+def test_meta_tensors_in_training():
+    layer = nd.LinfBatchNormAct2d(3, k=2, device="meta")
+    x = torch.empty(4, 3, 2, 2, device="meta", requires_grad=True)
+    y = layer(x, torch.empty(4, 3, 2, 2, device="meta"))
+    assert y.shape == x.shape and y.device.type == "meta"
+
+
+def test_torch_compile_runs_the_unfused_path():
+    # backend="eager": dynamo traces the layer (the part that must work) without the slow CPU code generation.
+    fused, plain = _pair(nd.L1BatchNormAct2d, nd.L1BatchNorm2d, {})
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    x = torch.randn(2, C, 3, 3, dtype=torch.float64)
+    r = torch.randn_like(x)
+    torch.testing.assert_close(compiled(x, r), F.relu(plain(x) + r))
+
+
 def test_fx_trace_records_the_layer_whole():
     class Block(torch.nn.Module):
         def __init__(self):
