@@ -44,6 +44,7 @@ from .stats import (
     linf_selected_from_top,
     linf_tie_weights,
     linf_top,
+    linf_top_of_input,
     linf_top_scale,
     pairwise_channel_mean,
     per_channel,
@@ -104,8 +105,9 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     mean and scale in :func:`accumulate_dtype`; ``lowp_mean`` the mean in the input dtype (low precision only);
     ``threshold`` t and ``top`` (the L∞ candidates of :func:`~normdecouple.stats.linf_top`: sorted values and
     their positions in the channel-major row) for L∞ only. Every statistic is computed on the (A, C, B) view of
-    the input (:func:`~normdecouple.stats.canonical`); the only channel-major layout is L∞'s |d|, written so
-    by the subtraction itself.
+    the input (:func:`~normdecouple.stats.canonical`); L∞'s candidates come from block maxima of the input
+    (:func:`~normdecouple.stats.linf_top_of_input`), or, for dimensions without a suitable block, from |d|
+    written channel-major by the subtraction itself.
     """
     acc = accumulate_dtype(x.dtype)
     channels_last = is_channels_last(x)
@@ -117,9 +119,11 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     if norm is Norm.L1:
         scale = l1_scale(dev.abs() if lowp else (view - mean[:, None]).abs_(), n, lowp)
     else:
-        rows = channel_major_abs_dev(view, mean, dev)
-        top = linf_top(rows, k, TOPK_SPARE)
-        del rows
+        top = linf_top_of_input(view, mean, k, TOPK_SPARE)
+        if top is None:
+            rows = channel_major_abs_dev(view, mean, dev)
+            top = linf_top(rows, k, TOPK_SPARE)
+            del rows
         scale, threshold = linf_top_scale(top[0], n, k, lowp)
     if lowp:
         centred = uncanonical(dev, x.shape, channels_last)

@@ -45,9 +45,11 @@ from torch import Tensor
 
 from ._constants import L1_SCALE, topk_constant
 
-#: Values per block of :func:`linf_top`'s prefilter on long rows (a power of two: the block is the largest power
-#: of two dividing n, at most this; below 8 the plain ``topk`` is used).
-TOPK_BLOCK = 64
+#: Most values per block of the top-k prefilter of :func:`linf_top` and :func:`linf_top_of_input` on long rows.
+#: The block is the largest power of two dividing n (for linf_top; any divisor for linf_top_of_input) that is at
+#: most this and leaves at least 4 (k + spare) blocks, so the candidates are at most a quarter of the row; below
+#: 8 values the plain ``topk`` is used. CPU reductions over shorter contiguous blocks run slower per value.
+TOPK_BLOCK = 128
 
 __all__ = [
     "Norm",
@@ -67,6 +69,7 @@ __all__ = [
     "linf_scale",
     "channel_major_abs_dev",
     "linf_top",
+    "linf_top_of_input",
     "linf_top_scale",
     "scale_factor",
     "linf_tie_weights",
@@ -275,6 +278,9 @@ def channel_major_abs_dev(view: Tensor, mean: Tensor, dev: Tensor | None = None)
         # The compiler fuses the subtraction with the copy itself (and mishandles ``out=`` with dynamic shapes).
         return channel_major((view - mean[:, None]).abs() if dev is None else dev.abs())
     a, c, b = view.shape
+    if b == 1:
+        # Channels contiguous (channels_last): a transposing subtraction is many times slower than the copy.
+        return channel_major((view - mean[:, None]).abs_() if dev is None else dev.abs())
     rows = torch.empty((c, a, b), dtype=torch.promote_types(view.dtype, mean.dtype), device=view.device)
     if dev is not None:
         return torch.abs(dev.transpose(0, 1), out=rows).view(c, a * b)
@@ -295,8 +301,8 @@ def linf_top(rows: Tensor, k: int, spare: int = 0) -> tuple[Tensor, Tensor]:
     """
     c, n = rows.shape
     count = min(n, k + spare)
-    block = min(TOPK_BLOCK, n & -n)  # the largest power of two dividing n, at most TOPK_BLOCK
-    if block < 8 or n < 8 * count * block or torch.compiler.is_compiling():
+    block = 1 << (min(TOPK_BLOCK, n // (4 * count), n & -n).bit_length() - 1) if n >= 4 * count else 1
+    if block < 8 or torch.compiler.is_compiling():
         top = rows.topk(count, dim=1, sorted=True)
         return top.values, top.indices
     blocks = rows.view(c, n // block, block)
@@ -305,6 +311,35 @@ def linf_top(rows: Tensor, k: int, spare: int = 0) -> tuple[Tensor, Tensor]:
     top = candidates.topk(count, dim=1, sorted=True)
     slot = torch.div(top.indices, block, rounding_mode="floor")
     return top.values, best.gather(1, slot) * block + top.indices % block
+
+
+def linf_top_of_input(view: Tensor, mean: Tensor, k: int, spare: int = 0) -> tuple[Tensor, Tensor] | None:
+    """:func:`linf_top` of |view - mean| for an (A, C, 1) view (channels_last, or 2-D input), without |d|.
+
+    There the channel-major layout of |d| would be a slow transposing write. Instead the rows are cut into
+    blocks of ``TOPK_BLOCK`` or fewer consecutive rows (a divisor of A): a block's largest |d| is
+    ``max(fl(max - mu), fl(mu - min))``, exactly the largest |fl(x - mu)| since rounding is monotone, so two
+    reductions over the middle dimension of an (A / block, block, C) view (vectorised along C) give every
+    block's maximum; the K = min(n, k + spare) blocks with the largest maxima hold the K largest |d| (see
+    :func:`linf_top`), which are then computed from their few values with the forward's exact operation.
+    Returns None for other views, when the blocks would be too few to pay off, and while compiling (the
+    caller then uses :func:`channel_major_abs_dev` and :func:`linf_top`).
+    """
+    a, c, b = view.shape
+    count = min(a * b, k + spare)
+    block = next(d for d in range(min(TOPK_BLOCK, a // (4 * count)), 0, -1) if a % d == 0) if a >= 4 * count else 1
+    if b != 1 or block < 8 or torch.compiler.is_compiling():
+        return None
+    centre = mean.to(torch.promote_types(view.dtype, mean.dtype))
+    blocks = view.view(a // block, block, c)
+    block_max = torch.maximum(blocks.amax(dim=1) - centre, centre - blocks.amin(dim=1)).t()  # (C, A / block)
+    first = block_max.topk(count, dim=1, sorted=False).indices * block  # (C, K): first row of each block
+    rows = first[:, :, None] + torch.arange(block, device=view.device)
+    channel = torch.arange(c, device=view.device)[:, None, None]
+    values = view.reshape(a, c).take(rows * c + channel)
+    top = (values - centre[:, None, None]).abs_().view(c, count * block).topk(count, dim=1, sorted=True)
+    slot = torch.div(top.indices, block, rounding_mode="floor")
+    return top.values, first.gather(1, slot) + top.indices % block
 
 
 def linf_top_scale(values: Tensor, n: int, k: int, lowp: bool) -> tuple[Tensor, Tensor]:
