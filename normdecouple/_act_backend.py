@@ -186,24 +186,34 @@ def _sign_bits(view: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
 class LpBatchNormActFunction(torch.autograd.Function):
     """Training-mode ``act(BN(x) + residual)`` for L1/L∞ that saves the output, not the input.
 
-    ``apply(x, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope, keep_input)``
-    returns ``(y, batch_mean, batch_scale)`` like :class:`~normdecouple._torch_backend.LpBatchNormFunction`
-    (the statistics without gradient; running statistics are the caller's). The output equals the unfused
-    ``act(LpBatchNormFunction(x) + residual)`` bit for bit; what is saved is described in the module docstring.
+    ``apply(x, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope, keep_input,
+    use_triton=False)`` returns ``(y, batch_mean, batch_scale)`` like
+    :class:`~normdecouple._torch_backend.LpBatchNormFunction` (the statistics without gradient; running
+    statistics are the caller's). ``use_triton``: the Triton forward and L1 input gradient, same saved tensors.
+    The output equals the unfused ``act(BN(x) + residual)`` of the same backend bit for bit; what is saved is described in the module docstring.
     ``keep_input=True`` also saves ``x`` so that ``create_graph=True`` works.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope,
-                keep_input):
+                keep_input, use_triton=False):
         n = x.numel() // x.shape[1]
         lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
-        # The unfused layer's own forward (same values); for L∞ ``top`` holds the sorted largest |d| of each
-        # channel (k and a few more) and their positions in the channel-major row.
-        y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n, lowp)
-        if residual is not None:
-            y = y.add_(residual)
-        y = activate(y, activation, negative_slope, inplace=True)
+        signs = has_zero = None
+        if use_triton:
+            from ._triton import act_launch
+
+            y, batch_mean, scale, inv_std, threshold, top, signs, has_zero = act_launch.statistics(
+                x, weight, bias, residual, eps, norm, k, activation, negative_slope)
+            lowp_mean = None
+        else:
+            # The unfused layer's own forward (same values); for L∞ ``top`` holds the sorted largest |d| of
+            # each channel (k and a few more) and their positions in the channel-major row.
+            y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n,
+                                                                                lowp)
+            if residual is not None:
+                y = y.add_(residual)
+            y = activate(y, activation, negative_slope, inplace=True)
 
         acc = accumulate_dtype(x.dtype)
         channels_last = is_channels_last(x)
@@ -218,7 +228,8 @@ class LpBatchNormActFunction(torch.autograd.Function):
         poor = gamma.abs() * max_gain(x.dtype) <= spread + 2 * torch.finfo(x.dtype).tiny
         if norm is Norm.L1:
             # A value at the mean has sign 0, which one bit cannot hold: that channel keeps its input.
-            signs, has_zero = _sign_bits(view, dev_mean)
+            if signs is None:
+                signs, has_zero = _sign_bits(view, dev_mean)
             poor |= has_zero.to(poor.device)
         else:
             values, indices = top
@@ -245,6 +256,7 @@ class LpBatchNormActFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.keep_input = keep_input
+        ctx.use_triton = use_triton
         ctx.save_for_backward(
             y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, fallback,
             kept, x if keep_input else None,
@@ -332,8 +344,13 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     if ctx.needs_input_grad[0]:
         if u is not None:
             # dz * gamma / s_e + (offset - coef) + 2 coef b: the multiplication first, so no broadcast copy.
-            grad_x = dz * (gamma * inv_std)[:, None]
-            grad_x = grad_x.add_((offset - coef)[:, None]).addcmul_(u, (coef * 2)[:, None])
+            if ctx.use_triton:
+                from ._triton import act_launch
+
+                grad_x = act_launch.l1_input_grad(dz, signs, gamma * inv_std, offset - coef, coef * 2)
+            else:
+                grad_x = dz * (gamma * inv_std)[:, None]
+                grad_x = grad_x.add_((offset - coef)[:, None]).addcmul_(u, (coef * 2)[:, None])
         else:
             grad_x = torch.addcmul(offset[:, None], dz, (gamma * inv_std)[:, None])
             inner = grad_x.shape[2]
@@ -349,7 +366,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     grad_r = None
     if ctx.residual_dtype is not None and ctx.needs_input_grad[3]:
         grad_r = uncanonical(dz.contiguous(), shape, channels_last).to(ctx.residual_dtype)
-    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None, None
 
 
 def _channel_sums(grad: Tensor, values: Tensor, shift: Tensor, mult: Tensor) -> tuple:
@@ -373,7 +390,7 @@ def _backward_with_graph(ctx, grad_y, x, weight, bias, residual):
             found = torch.autograd.grad(y, [t for _, t in slots], grad_y, create_graph=True, allow_unused=True)
             for (i, t), g in zip(slots, found):
                 grads[i] = torch.zeros_like(t) if g is None else g
-    return tuple(grads) + (None,) * 7
+    return tuple(grads) + (None,) * 8
 
 
 def _check_residual(input: Tensor, residual: Tensor | None) -> None:
@@ -406,6 +423,12 @@ def _unfusable(input: Tensor, weight: Tensor | None, bias: Tensor | None, residu
     return False
 
 
+def _triton_supports(input: Tensor, low_precision: bool) -> bool:
+    from ._triton import act_launch
+
+    return act_launch.supports(input, low_precision)
+
+
 def lp_batch_norm_act(
     input: Tensor,
     residual: Tensor | None,
@@ -426,8 +449,9 @@ def lp_batch_norm_act(
 ) -> Tensor:
     """``act(batch_norm(input) + residual)`` with the arguments of the functional batch norms.
 
-    Training with a non-empty batch runs :class:`LpBatchNormActFunction` (on every backend: the fused
-    Function is written in torch ops; the Triton kernels serve the unfused layers only). Everything else
+    Training with a non-empty batch runs :class:`LpBatchNormActFunction`, on the Triton kernels
+    (:mod:`normdecouple._triton.act_launch`) where the unfused layer would use Triton and the layout and
+    precision allow, else in torch ops. Everything else
     (eval, empty batches, ``torch.func``, forward-mode AD, ``torch.compile``) runs the unfused batch norm of
     :mod:`normdecouple.functional` followed by the activation: the same values and gradients.
     """
@@ -447,7 +471,10 @@ def lp_batch_norm_act(
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     F_nd._verify_batch_size(input)
-    F_nd._select_function(input, backend)  # its errors (backend="triton" where it cannot run)
+    # Triton where the unfused layer would use it (and its errors where it cannot run), for the layouts and
+    # precision the epilogue kernels take; the PyTorch path otherwise.
+    use_triton = (F_nd._select_function(input, backend) is not F_nd.LpBatchNormFunction
+                  and _triton_supports(input, low_precision))
     count = input.numel() // input.shape[1]
     if norm is Norm.LINF and k > count:
         raise ValueError(
@@ -455,7 +482,8 @@ def lp_batch_norm_act(
             f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
         )
     y, batch_mean, batch_scale = LpBatchNormActFunction.apply(
-        input, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope, keep_input
+        input, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope, keep_input,
+        use_triton,
     )
     if running_mean is not None:
         F_nd.update_running_stats(running_mean, running_var, batch_mean, batch_scale, count, momentum)

@@ -165,9 +165,11 @@ _DOC = r"""${title} fused with its activation: ``act(BN(input) + residual)``, sa
             ``gradgradcheck``) works, without the memory saving. Without it, ``create_graph=True`` through the
             layer is a ``RuntimeError`` naming this fix. Default: ``False``.
 
-    The fused computation is written in torch ops: ``backend="triton"`` (or ``"auto"`` on CUDA) checks that
-    Triton can run, then uses it for nothing. ``torch.compile``, ``torch.func`` and forward-mode AD run the
-    unfused layer and the activation (same values, no memory saving).
+    Where the plain layer would run Triton (``backend="triton"``, or ``"auto"`` on CUDA), the fused layer runs
+    the Triton batch-norm forward, then a Triton epilogue (residual, activation, L1 sign bits) and, for L1, a
+    Triton input-gradient kernel; ``low_precision=True`` and layouts other than contiguous/channels_last use
+    the PyTorch path. ``torch.compile``, ``torch.func``, forward-mode AD, meta and fake tensors run the unfused
+    layer and the activation (same values, no memory saving).
 
     Shape:
         - Input: ``${shape}``; residual: ``None`` or the input's shape and dtype
