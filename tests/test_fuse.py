@@ -99,6 +99,13 @@ def test_traced_forward_fuses_a_module_calling_norm_then_act():
     assert repr(model) == repr(original)
 
 
+def test_traced_forward_in_eval_mode():
+    # In eval mode the layer runs torch's eval batch norm: a different autograd node, the same data flow.
+    model = Bottleneck().eval()
+    assert fusable_pairs(model, torch.randn(2, 4, 5, 5, dtype=torch.float64)) == [("bn1", "act1")]
+    assert not model.training and not model.bn1.training
+
+
 def test_shared_activation_with_another_use_is_not_fused():
     # torchvision's pattern: one ReLU instance after bn1 and after the residual addition.
     model = Bottleneck(shared_act=True)
