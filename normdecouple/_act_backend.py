@@ -190,8 +190,8 @@ class LpBatchNormActFunction(torch.autograd.Function):
     use_triton=False)`` returns ``(y, batch_mean, batch_scale)`` like
     :class:`~normdecouple._torch_backend.LpBatchNormFunction` (the statistics without gradient; running
     statistics are the caller's). ``use_triton``: the Triton forward and L1 input gradient, same saved tensors.
-    The output equals the unfused ``act(BN(x) + residual)`` of the same backend bit for bit; what is saved is described in the module docstring.
-    ``keep_input=True`` also saves ``x`` so that ``create_graph=True`` works.
+    The output equals the unfused ``act(BN(x) + residual)`` of the same backend bit for bit; what is saved is
+    described in the module docstring. ``keep_input=True`` also saves ``x`` so that ``create_graph=True`` works.
     """
 
     @staticmethod
