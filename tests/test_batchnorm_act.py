@@ -333,6 +333,16 @@ def test_triton_path_half_outputs_bit_identical(dtype):
     torch.testing.assert_close(fused(x, r), F.relu(plain(x) + r), rtol=0, atol=0)
 
 
+def test_triton_path_gradcheck():
+    # fast_mode: one random projection per input, so the interpreter runs the kernels a few dozen times only.
+    pytest.importorskip("triton")
+    layer = nd.L1BatchNormAct2d(2, dtype=torch.float64, activation="leaky_relu", backend="triton")
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, r, w, b: layer(a, r), (x, residual, layer.weight, layer.bias),
+                                    fast_mode=True)
+
+
 def test_triton_path_saved_bytes():
     pytest.importorskip("triton")
     layer = nd.L1BatchNormAct2d(3, backend="triton")
