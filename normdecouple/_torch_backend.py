@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._constants import L1_SCALE
 from .stats import (
     Norm,
     accumulate_dtype,
@@ -47,6 +48,7 @@ from .stats import (
     linf_top_of_input,
     linf_top_scale,
     pairwise_channel_mean,
+    pairwise_mean_and_abs_dev,
     per_channel,
     scale_factor,
     traceable_topk_constant,
@@ -112,12 +114,18 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     acc = accumulate_dtype(x.dtype)
     channels_last = is_channels_last(x)
     view = canonical(x, channels_last)
-    mean = pairwise_channel_mean(view) if lowp else channel_sums(view, acc) / n
-    threshold = top = centred = None
-    # Low precision normalises d = x - mean elementwise: computed once, for |d| and for y.
-    dev = (view - mean[:, None]) if lowp else None
+    threshold = top = centred = dev = None
+    if lowp and norm is Norm.L1:
+        mean, mean_abs_dev = pairwise_mean_and_abs_dev(view)
+        scale = mean_abs_dev * L1_SCALE  # l1_scale's low-precision arithmetic, from the shared transposed copy
+    else:
+        mean = pairwise_channel_mean(view) if lowp else channel_sums(view, acc) / n
+    if lowp:
+        # Low precision normalises d = x - mean elementwise: computed once, for L∞'s |d| and for y.
+        dev = view - mean[:, None]
     if norm is Norm.L1:
-        scale = l1_scale(dev.abs() if lowp else (view - mean[:, None]).abs_(), n, lowp)
+        if not lowp:
+            scale = l1_scale((view - mean[:, None]).abs_(), n, lowp)
     else:
         top = linf_top_of_input(view, mean, k, TOPK_SPARE)
         if top is None:

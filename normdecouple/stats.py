@@ -62,6 +62,7 @@ __all__ = [
     "per_channel",
     "pairwise_mean",
     "pairwise_channel_mean",
+    "pairwise_mean_and_abs_dev",
     "hypot_eps",
     "traceable_topk_constant",
     "channel_sums",
@@ -169,32 +170,56 @@ def pairwise_channel_mean(view: Tensor) -> Tensor:
     transposed copy that the first level reads anyway.
     """
     a, c, b = view.shape
+    if a * b <= 1:
+        return view.reshape(c) * 1.0
+    return _pairwise_levels(_rows(view).mul_(0.5), a * b)
+
+
+def pairwise_mean_and_abs_dev(view: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu, m): :func:`pairwise_channel_mean` of an (A, C, B) view and that of |view - mu|, bit for bit.
+
+    The two means of the low-precision L1 statistics from one transposed copy of the input: |d| is computed
+    (with the same elementwise operation) on the copy the first mean has read.
+    """
+    a, c, b = view.shape
     n = a * b
     if n <= 1:
-        return view.reshape(c) * 1.0
-    # The transposing copy then a contiguous multiplication: twice as fast as one strided multiplication.
-    rows = view.new_empty(a, b, c).copy_(view.permute(0, 2, 1)).view(n, c)
-    return _pairwise_levels(rows.mul(0.5), n)
+        mean = view.reshape(c) * 1.0
+        return mean, (view.reshape(c) - mean).abs() * 1.0
+    rows = _rows(view)
+    mean = _pairwise_levels(rows.mul(0.5), n)
+    return mean, _pairwise_levels(rows.sub_(mean).abs_().mul_(0.5), n)
+
+
+def _rows(view: Tensor) -> Tensor:
+    """The (A*B, C) transposed copy of an (A, C, B) view: row a * B + b holds the values at (a, :, b)."""
+    a, c, b = view.shape
+    # A transposing copy then contiguous arithmetic: twice as fast as strided arithmetic on the view.
+    return view.new_empty(a, b, c).copy_(view.permute(0, 2, 1)).view(a * b, c)
 
 
 def _pairwise_levels(halves: Tensor, n: int) -> Tensor:
     """The levels of :func:`pairwise_mean` on (n, C) rows already multiplied by 0.5 (level l pairs rows).
 
     Laid out this way each level is two contiguous ops over C-wide rows (vectorised), instead of strided slices
-    of every row. The zero padding is never stored: at a level of odd length the last row pairs with a zero,
-    giving ``h + 0.0`` (the sign of a zero as the padded sum has it).
+    of every row; the levels alternate between ``halves`` (overwritten) and one buffer of half its size. The
+    zero padding is never stored: at a level of odd length the last row pairs with a zero, giving ``h + 0.0``
+    (the sign of a zero as the padded sum has it).
     """
     width = 1 << (n - 1).bit_length()
     length = n
+    source, spare = halves, halves.new_empty(((n + 1) // 2,) + tuple(halves.shape[1:]))
     while length > 1:
         half = length // 2
-        out = halves.new_empty((length - half,) + tuple(halves.shape[1:]))
-        torch.add(halves[0:2 * half:2], halves[1:2 * half:2], out=out[:half])
+        out = spare[: length - half]
+        torch.add(source[0:2 * half:2], source[1:2 * half:2], out=out[:half])
         if length % 2:
-            torch.add(halves[length - 1], 0.0, out=out[half])
+            torch.add(source[length - 1], 0.0, out=out[half])
         length -= half
-        halves = out.mul(0.5) if length > 1 else out
-    return halves[0] * (width / n)
+        if length > 1:
+            out.mul_(0.5)
+        source, spare = out, source
+    return source[0] * (width / n)
 
 
 def hypot_eps(s: Tensor, root_eps: float) -> Tensor:
