@@ -1,7 +1,7 @@
 """Reproduce the claims of *Norm matters* (Hoffer et al., NeurIPS 2018) on real data, in one command.
 
     python -m examples.reproduce                  # digits (bundled with scikit-learn): ~2 minutes on 2 CPU cores
-    python -m examples.reproduce --full           # more seeds, epochs, width and learning rates
+    python -m examples.reproduce --full           # 5 seeds, longer runs, width 32
     python -m examples.reproduce --data-dir ~/data/cifar-10-batches-py   # CIFAR-10 python pickles (use a GPU)
 
 Four experiments, each over the same seeds (mean ± standard deviation over seeds). Every training run shifts
@@ -14,8 +14,8 @@ its images by up to ``--shift`` pixels at random (zero padding): without it the 
    An MLP (Linear + BatchNorm1d) in pure float16 at input scale 1 and 1000 and the CNN in pure bfloat16 at
    input scale 1000 (``--full`` adds the CNN at scale 1; fp16 convolutions are ~50x slower than fp32 ones on a
    CPU, hence bf16 there, and fp16 on CUDA).
-3. ``decouple`` (longer runs, ``--decouple-epochs``: 20; ``--full``: 45): four ways of treating the scale-invariant weights (those
-   feeding a batch norm), the other parameters always keeping weight decay 5e-4:
+3. ``decouple`` (longer runs, ``--decouple-epochs``: 20; ``--full``: 45): four ways of treating the
+   scale-invariant weights (those feeding a batch norm), the other parameters always keeping weight decay 5e-4:
 
    - SGD with weight decay ``--decouple-wd`` (5e-3, large enough that the norm settles within the first phase)
      and the LR schedule (÷10 at 50% and 75% of training);
@@ -37,8 +37,8 @@ its images by up to ``--shift`` pixels at random (zero padding): without it the 
    code (github.com/eladhoffer/norm_matters, ``models/resnet_wn.py``), both weight norms replace each batch norm
    by a *mean-only* batch norm (:class:`MeanOnlyBatchNorm`: subtract the batch mean, add a learned bias; Salimans
    & Kingma's recommended companion) and train without weight decay; BatchNorm keeps weight decay 5e-4. Each
-   method runs at every learning rate of ``--wn-lrs`` over the same seeds, and is reported at the one with the
-   lowest mean final *training* loss (the test set plays no part in the choice).
+   method runs at every learning rate of ``--wn-lrs`` (0.03, 0.1, 0.3, 1) over the same seeds, reported at the
+   one with the lowest mean final *training* loss (the test set plays no part in the choice).
 
 Writes ``results.csv`` (one row per run), ``results.md`` (the summary table) and PNG plots into ``--out``. The table
 is deterministic: the same command prints the same table on the same machine with the same ``--threads`` (each
@@ -435,7 +435,7 @@ def train_run(cfg: Config, data: Data, seed: int, epochs: int, width: int, batch
             opt.zero_grad()
             loss.backward()
             before = [p.detach().clone() for p in tracked]
-            if tracked:  # the effective LR of this step: lr · f / ‖w_i‖², f the NormScaledLR factor (‖w_i‖/ρ_i)²
+            if tracked:  # this step's effective LR: lr · f / ‖w_i‖², f the NormScaledLR factor (‖w_i‖/ρ_i)²
                 sq = torch.cat([p.detach().float().flatten(1).square().sum(1) for p in tracked])
                 lr = opt.param_groups[-1]["lr"]
                 eff = lr / torch.cat(references).square() if references is not None else lr / sq
@@ -542,7 +542,8 @@ def dynamics_summary(results: dict[str, list[dict[str, Any]]]) -> list[dict[str,
 
         out.append({
             "scheme": variant,
-            "‖w‖ first step → last": f"{fmt([r['norm'][0] for r in runs], 2)} → {fmt([r['norm'][-1] for r in runs], 2)}",
+            "‖w‖ first step → last": (f"{fmt([r['norm'][0] for r in runs], 2)} → "
+                                      f"{fmt([r['norm'][-1] for r in runs], 2)}"),
             "angle/step, phase 1 start": fmt([statistics.mean(r["angle"][:q]) for r in runs]),
             "angle/step, phase 1 end": fmt([statistics.mean(r["angle"][phase - q:phase]) for r in runs]),
             "eff. LR, phase 1 end": fmt([statistics.mean(r["eff_lr"][phase - q:phase]) for r in runs], 3),
@@ -570,7 +571,8 @@ def _epoch_means(trace: list[float], steps_per_epoch: int) -> list[float]:
 
 
 def plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path, tuned: set[str] = frozenset()) -> list[Path]:
-    """``{exp}_curves.png`` (in ``wn`` the tuned learning rates only), ``decouple_dynamics.png``, ``wn_lr_sweep.png``."""
+    """``{exp}_curves.png`` (in ``wn`` the tuned learning rates only), ``decouple_dynamics.png``,
+    ``wn_lr_sweep.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -613,7 +615,8 @@ def plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path, tuned: 
         axes[2].set(xlabel="epoch", ylabel="angle(w_t, w_t+1) per step, rad (epoch mean)", yscale="log",
                     title="angular update per step")
         axes[0].legend(fontsize=8)
-        fig.suptitle("decouple: mean over seeds, band = min–max over seeds; LR ÷10 (or radius ×√10) at 50% and 75%")
+        fig.suptitle("decouple: mean over seeds, band = min–max over seeds; "
+                     "LR ÷10 (or radius ×√10) at 50% and 75%")
         fig.tight_layout()
         path = out / "decouple_dynamics.png"
         fig.savefig(path, dpi=90)
