@@ -49,6 +49,7 @@ from .stats import (
     linf_top_scale,
     pairwise_channel_mean,
     pairwise_mean_and_abs_dev,
+    pairwise_mean_keeping_rows,
     per_channel,
     scale_factor,
     traceable_topk_constant,
@@ -114,20 +115,24 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     acc = accumulate_dtype(x.dtype)
     channels_last = is_channels_last(x)
     view = canonical(x, channels_last)
-    threshold = top = centred = dev = None
-    if lowp and norm is Norm.L1:
+    threshold = top = centred = None
+    if not lowp:
+        mean = channel_sums(view, acc) / n
+        if norm is Norm.L1:
+            scale = l1_scale((view - mean[:, None]).abs_(), n, lowp=False)
+    elif norm is Norm.L1:
         mean, mean_abs_dev = pairwise_mean_and_abs_dev(view)
         scale = mean_abs_dev * L1_SCALE  # l1_scale's low-precision arithmetic, from the shared transposed copy
     else:
-        mean = pairwise_channel_mean(view) if lowp else channel_sums(view, acc) / n
-    if lowp:
-        # Low precision normalises d = x - mean elementwise: computed once, for L∞'s |d| and for y.
-        dev = view - mean[:, None]
-    if norm is Norm.L1:
-        if not lowp:
-            scale = l1_scale((view - mean[:, None]).abs_(), n, lowp)
-    else:
-        top = linf_top_of_input(view, mean, k, TOPK_SPARE)
+        mean, rows = pairwise_mean_keeping_rows(view)
+        # The transposed copy is the (n, C, 1) view of a channels_last input: L∞'s candidates from its blocks.
+        top = linf_top_of_input(rows[:, :, None], mean, k, TOPK_SPARE)
+        del rows
+    # Low precision normalises d = x - mean elementwise: computed once, for L∞'s |d| and for y.
+    dev = view - mean[:, None] if lowp else None
+    if norm is Norm.LINF:
+        if top is None:
+            top = linf_top_of_input(view, mean, k, TOPK_SPARE)
         if top is None:
             rows = channel_major_abs_dev(view, mean, dev)
             top = linf_top(rows, k, TOPK_SPARE)

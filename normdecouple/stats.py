@@ -63,6 +63,7 @@ __all__ = [
     "pairwise_mean",
     "pairwise_channel_mean",
     "pairwise_mean_and_abs_dev",
+    "pairwise_mean_keeping_rows",
     "hypot_eps",
     "traceable_topk_constant",
     "channel_sums",
@@ -189,6 +190,19 @@ def pairwise_mean_and_abs_dev(view: Tensor) -> tuple[Tensor, Tensor]:
     rows = _rows(view)
     mean = _pairwise_levels(rows.mul(0.5), n)
     return mean, _pairwise_levels(rows.sub_(mean).abs_().mul_(0.5), n)
+
+
+def pairwise_mean_keeping_rows(view: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu, rows): :func:`pairwise_channel_mean` of an (A, C, B) view, and the (A*B, C) transposed copy it read.
+
+    Row a * B + b of ``rows`` holds the values at (a, :, b): as the (A*B, C, 1) view of a channels_last input,
+    it serves :func:`linf_top_of_input` (whose positions are then the channel-major ones of ``view``).
+    """
+    a, c, b = view.shape
+    rows = _rows(view)
+    if a * b <= 1:
+        return view.reshape(c) * 1.0, rows
+    return _pairwise_levels(rows.mul(0.5), a * b), rows
 
 
 def _rows(view: Tensor) -> Tensor:
