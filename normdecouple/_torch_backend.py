@@ -1,15 +1,20 @@
 r"""The PyTorch backend of L1 and L∞ batch normalization: the training forward and its closed-form backward.
 
 The math (scales, tie rule, input gradient) is in :mod:`normdecouple.stats`; this module runs it with torch
-ops. Forward (training): mu and the scale s per channel (:func:`~normdecouple.stats.l1_scale`,
-:func:`~normdecouple.stats.linf_scale`), then ``y = x_hat * weight + bias`` by torch's own fused (eval-mode)
-batch-norm kernel with the batch statistics (mu, s^2) standing in for the running ones, so layouts (NCHW,
-channels_last) and mixed dtypes are handled natively and no layout copy is made.
+ops. Forward (training, :func:`_forward`): mu and the scale s per channel (:func:`~normdecouple.stats.l1_scale`;
+for L∞ the k + ``TOPK_SPARE`` largest |d| and their positions, :func:`~normdecouple.stats.linf_top`), then
+``y = x_hat * weight + bias`` by torch's own fused (eval-mode) batch-norm kernel with the batch statistics
+(mu, s^2) standing in for the running ones, so layouts (NCHW, channels_last) and mixed dtypes are handled
+natively. Low precision: the pairwise means read one transposed copy of the input, and y is computed
+elementwise in the input dtype (see :func:`normalise`).
 
 Backward (first order, :class:`LpBatchNormFunction`): one reduction pass (sum(dy) and sum(dy * x_hat) from
-torch's fused batch-norm backward) plus the sum of u (sign(d), or for L∞ the few values at or above the k-th
-largest |d|), then one elementwise pass (:func:`~normdecouple.stats.input_grad`). Saved for backward: the
-input, the weight and per-channel vectors, as torch's BatchNorm saves.
+torch's fused batch-norm backward), then for L1 u = sign(d), its sums and the elementwise gradient
+(:func:`~normdecouple.stats.input_grad`, three passes over u, written in place); for L∞ one elementwise pass
+(``dy * gamma / s_e + offset``) plus the few values at or above the k-th largest |d|, read from the forward's
+candidates (a scan of the input only when more values tie with the k-th than the candidates hold). Saved for
+backward: the input, the weight and per-channel vectors, as torch's BatchNorm saves (for L∞ also the (C, k +
+``TOPK_SPARE``) candidates).
 
 Higher order (``create_graph=True``), ``torch.func`` transforms and forward-mode AD use
 :func:`differentiable_batch_norm`, the same forward written with differentiable torch ops whose derivative is
