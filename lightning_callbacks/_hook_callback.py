@@ -24,10 +24,10 @@ from ._common import AutoWeights, check_no_torch_layer_sync, check_params, split
 __all__: list[str] = []
 
 
-class _OptimizerHookCallback(Callback):
+class OptimizerHookCallback(Callback):
     """Base: subclasses build one normdecouple hook per optimizer in :meth:`_make_hook`."""
 
-    _owner = "_OptimizerHookCallback"
+    _owner = "OptimizerHookCallback"
 
     def __init__(self, params: Any, batch_to_inputs: Callable[[Any], tuple] | None) -> None:
         self.params = check_params(params, self._owner)

@@ -16,12 +16,12 @@ from typing_extensions import override
 import normdecouple
 from normdecouple.optim.checks import check_power, check_radius
 
-from ._hook_callback import _OptimizerHookCallback
+from ._hook_callback import OptimizerHookCallback
 
 __all__ = ["NormScaledLR"]
 
 
-class NormScaledLR(_OptimizerHookCallback):
+class NormScaledLR(OptimizerHookCallback):
     r"""Attaches :class:`normdecouple.NormScaledLR` to every optimizer of the Trainer.
 
     Each output channel's step is multiplied by :math:`(\lVert w_i\rVert/\rho_i)^{\text{power}}`, so the effective

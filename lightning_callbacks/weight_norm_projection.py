@@ -14,12 +14,12 @@ import torch
 import normdecouple
 from normdecouple.optim.checks import check_norm_order, check_positive_number, check_radius
 
-from ._hook_callback import _OptimizerHookCallback
+from ._hook_callback import OptimizerHookCallback
 
 __all__ = ["WeightNormProjection"]
 
 
-class WeightNormProjection(_OptimizerHookCallback):
+class WeightNormProjection(OptimizerHookCallback):
     r"""Attaches :class:`normdecouple.WeightNormProjection` to every optimizer of the Trainer.
 
     After every real optimizer step each output channel :math:`w_i` of the chosen weights is put back on its

@@ -416,9 +416,9 @@ def _unfusable(input: Tensor, weight: Tensor | None, bias: Tensor | None, residu
         # Compiled, exported, meta and fake tensors, torch.func: the fused forward reads the channels that keep
         # their inputs on the host (a data-dependent shape).
         return True
-    if F_nd._needs_differentiable_path(input, weight):
+    if F_nd.needs_differentiable_path(input, weight):
         return True
-    if F_nd._needs_differentiable_path(residual if residual is not None else input, bias):
+    if F_nd.needs_differentiable_path(residual if residual is not None else input, bias):
         return True
     return False
 
@@ -458,22 +458,22 @@ def lp_batch_norm_act(
     _check_residual(input, residual)
     fused = training and input.dim() >= 2 and input.numel() > 0 and not _unfusable(input, weight, bias, residual)
     if not fused:
-        y = F_nd._lp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, norm, k,
+        y = F_nd.lp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, norm, k,
                                 low_precision, backend)
         if residual is not None:
             y = y + residual
         return activate(y, activation, negative_slope)
     # The checks of the unfused path, in its order and words.
     F_nd.validate_backend(backend)
-    F_nd._check_input(input, running_mean, running_var, weight, bias)
+    F_nd.check_input(input, running_mean, running_var, weight, bias)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    F_nd._verify_batch_size(input)
+    F_nd.verify_batch_size(input)
     # Triton where the unfused layer would use it (and its errors where it cannot run), for the layouts and
     # precision the epilogue kernels take; the PyTorch path otherwise.
-    use_triton = (F_nd._select_function(input, backend) is not F_nd.LpBatchNormFunction
+    use_triton = (F_nd.select_function(input, backend) is not F_nd.LpBatchNormFunction
                   and _triton_supports(input, low_precision))
     count = input.numel() // input.shape[1]
     if norm is Norm.LINF and k > count:

@@ -95,7 +95,7 @@ class LpBatchNorm(_BatchNorm):
         return super()._apply(keep_wide, recurse)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        _, rank_text, ranks, _, _ = _DIMS[self._dim]
+        _, rank_text, ranks, _, _ = INPUT_DIMS[self._dim]
         if input.dim() not in ranks:
             raise ValueError(f"expected {rank_text} input (got {input.dim()}D input)")
 
@@ -148,7 +148,7 @@ def _layer_forward(layer: LpBatchNorm, input: Tensor) -> Tensor:
 torch.fx.wrap("_layer_forward")
 
 
-class _LinfMixin:
+class LinfMixin:
     """Adds ``k``, the number of largest |x - mean| averaged by the L∞ scale."""
 
     norm = Norm.LINF
@@ -163,11 +163,15 @@ class _LinfMixin:
         return super().extra_repr() + f", k={self.k}"  # type: ignore[misc]
 
 
-class _L1(LpBatchNorm):
+class L1BatchNormBase(LpBatchNorm):
+    """The L1 layers' common class (the public layers add only their input ranks)."""
+
     norm = Norm.L1
 
 
-class _Linf(_LinfMixin, LpBatchNorm):
+class LinfBatchNormBase(LinfMixin, LpBatchNorm):
+    """The L∞ layers' common class: the constructor with ``k`` (the public layers add only their input ranks)."""
+
     def __init__(
         self,
         num_features: int,
@@ -243,12 +247,12 @@ _SHAPE_NOTE = r"""
     References: arXiv:1803.01814
 """
 
-_L1_FORMULA = r"""
+L1_FORMULA_DOC = r"""
     Here :math:`s = \sqrt{\pi/2}\,\operatorname{mean}|d|`, which estimates the standard deviation for
     Gaussian activations and needs no squares.
 """
 
-_LINF_FORMULA = r"""
+LINF_FORMULA_DOC = r"""
     Here :math:`s = \operatorname{mean}(\text{top-}k\ |d|) / c(n, k)`, with :math:`c(n, k)` the expected mean
     of the k largest absolute values of n standard normal samples (computed exactly by numerical integration,
     :func:`normdecouple.functional.topk_constant`), so that :math:`s` estimates the batch's standard deviation
@@ -256,12 +260,12 @@ _LINF_FORMULA = r"""
     k = 1). Values tied at the k-th place share the scale's gradient evenly.
 """
 
-_K_ARG = """
+K_ARG_DOC = """
         k: how many of the largest ``|x - mean|`` are averaged; ``k=1`` is the plain maximum. Default: ``1``."""
 
 # dim -> (shape text, rank text, accepted ranks, example input, example output size); dim 0 accepts any rank
 # >= 2, like torch.nn.SyncBatchNorm, whose conversions it receives.
-_DIMS = {
+INPUT_DIMS = {
     0: ("(N, C, *)", "at least 2D", tuple(range(2, 64)), "torch.randn(8, 16, 5, 5)", "[8, 16, 5, 5]"),
     1: ("(N, C) or (N, C, L)", "2D or 3D", (2, 3), "torch.randn(8, 16)", "[8, 16]"),
     2: ("(N, C, H, W)", "4D", (4,), "torch.randn(8, 16, 5, 5)", "[8, 16, 5, 5]"),
@@ -270,8 +274,8 @@ _DIMS = {
 
 
 def _doc(title: str, name: str, dim: int, linf: bool) -> str:
-    shape, rank, _, example_input, example_shape = _DIMS[dim]
-    formula = _LINF_FORMULA if linf else _L1_FORMULA
+    shape, rank, _, example_input, example_shape = INPUT_DIMS[dim]
+    formula = LINF_FORMULA_DOC if linf else L1_FORMULA_DOC
     return (
         f"{title} over a {rank} input: a drop-in replacement for :class:`torch.nn.BatchNorm{dim}d`.\n"
         + formula
@@ -279,7 +283,7 @@ def _doc(title: str, name: str, dim: int, linf: bool) -> str:
             dim=dim,
             shape=shape,
             rank=rank,
-            extra=_K_ARG if linf else "",
+            extra=K_ARG_DOC if linf else "",
             name=name,
             example_c="16",
             example_kw=", k=4" if linf else "",
@@ -289,44 +293,44 @@ def _doc(title: str, name: str, dim: int, linf: bool) -> str:
     )
 
 
-class L1BatchNorm1d(_L1):
+class L1BatchNorm1d(L1BatchNormBase):
     __doc__ = _doc("L1 batch normalization", "L1BatchNorm1d", 1, False)
     _dim = 1
 
 
-class L1BatchNorm2d(_L1):
+class L1BatchNorm2d(L1BatchNormBase):
     __doc__ = _doc("L1 batch normalization", "L1BatchNorm2d", 2, False)
     _dim = 2
 
 
-class L1BatchNorm3d(_L1):
+class L1BatchNorm3d(L1BatchNormBase):
     __doc__ = _doc("L1 batch normalization", "L1BatchNorm3d", 3, False)
     _dim = 3
 
 
-class L1BatchNormNd(_L1):
+class L1BatchNormNd(L1BatchNormBase):
     __doc__ = _doc("L1 batch normalization", "L1BatchNormNd", 0, False).replace(
         ":class:`torch.nn.BatchNorm0d`", ":class:`torch.nn.SyncBatchNorm` (unsynchronised, any rank)"
     )
     _dim = 0
 
 
-class LinfBatchNorm1d(_Linf):
+class LinfBatchNorm1d(LinfBatchNormBase):
     __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNorm1d", 1, True)
     _dim = 1
 
 
-class LinfBatchNorm2d(_Linf):
+class LinfBatchNorm2d(LinfBatchNormBase):
     __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNorm2d", 2, True)
     _dim = 2
 
 
-class LinfBatchNorm3d(_Linf):
+class LinfBatchNorm3d(LinfBatchNormBase):
     __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNorm3d", 3, True)
     _dim = 3
 
 
-class LinfBatchNormNd(_Linf):
+class LinfBatchNormNd(LinfBatchNormBase):
     __doc__ = _doc("L∞ (top-k) batch normalization", "LinfBatchNormNd", 0, True).replace(
         ":class:`torch.nn.BatchNorm0d`", ":class:`torch.nn.SyncBatchNorm` (unsynchronised, any rank)"
     )

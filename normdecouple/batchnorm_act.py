@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._act_backend import lp_batch_norm_act, validate_activation
-from .batchnorm import _DIMS, LpBatchNorm, _LinfMixin
+from .batchnorm import INPUT_DIMS, LpBatchNorm, LinfMixin
 from .stats import Norm
 
 __all__ = [
@@ -109,7 +109,7 @@ class _L1Act(_LpBatchNormAct):
     norm = Norm.L1
 
 
-class _LinfAct(_LinfMixin, _LpBatchNormAct):
+class _LinfAct(LinfMixin, _LpBatchNormAct):
     def __init__(
         self,
         num_features: int,
@@ -189,7 +189,7 @@ _DOC = r"""${title} fused with its activation: ``act(BN(input) + residual)``, sa
 
 
 def _doc(name: str, dim: int, linf: bool) -> str:
-    shape, _, _, example_input, example_shape = _DIMS[dim]
+    shape, _, _, example_input, example_shape = INPUT_DIMS[dim]
     return string.Template(_DOC).substitute(
         title="L∞ (top-k) batch normalization" if linf else "L1 batch normalization",
         plain=f"LinfBatchNorm{dim}d" if linf else f"L1BatchNorm{dim}d",

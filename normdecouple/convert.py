@@ -8,7 +8,7 @@ returned module), but unlike torch's converter:
 * **All or nothing.** Every replacement is planned and built first, without touching the model; only when all
   of them succeeded are they put in place (plain dictionary assignments, which cannot fail). An error leaves the
   model exactly as it was: same objects, same ``state_dict``, same hooks.
-* **One state transplant** (:func:`_transplant`) for all four: the new layer holds the very same ``Parameter``
+* **One state transplant** (:func:`transplant_state`) for all four: the new layer holds the very same ``Parameter``
   objects (optimizers keep them, ``requires_grad`` kept), the buffers (``num_batches_tracked`` the same tensor),
   ``training``, ``qconfig`` and every other instance attribute of the source (a subclass's ``act``/``drop``...),
   the hook dictionaries themselves (forward, pre-forward with kwargs/always-called variants, backward,
@@ -159,14 +159,14 @@ def _original_dtype(module: nn.Module, name: str) -> torch.dtype | None:
     return None if tensor is None else tensor.dtype
 
 
-def _blank(cls: type[_BatchNorm], source: _BatchNorm, **kwargs: Any) -> _BatchNorm:
+def blank_like(cls: type[_BatchNorm], source: _BatchNorm, **kwargs: Any) -> _BatchNorm:
     """A ``cls`` layer on the meta device with ``source``'s hyperparameters, to receive its state."""
     return cls(source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats,
                device="meta", bias=_has_bias(source) if source.affine else True, **kwargs)
 
 
-def _transplant(source: _BatchNorm, target: _BatchNorm, stats_dtype: torch.dtype | None = None) -> _BatchNorm:
-    """Move everything ``source`` holds into ``target`` (built by :func:`_blank`) without changing ``source``.
+def transplant_state(source: _BatchNorm, target: _BatchNorm, stats_dtype: torch.dtype | None = None) -> _BatchNorm:
+    """Move everything ``source`` holds into ``target`` (built by :func:`blank_like`) without changing ``source``.
 
     Kept as the same objects: the ``Parameter`` objects (optimizers keep them; ``requires_grad``, device and
     dtype with them), the buffers, the hook dictionaries and the ``parametrizations`` ModuleDict. Kept as
@@ -225,11 +225,11 @@ class _RedirectBatchNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.batch_norm:
-            return _lp_batch_norm(self.layer, *args, **kwargs)
+            return _redirected_batch_norm(self.layer, *args, **kwargs)
         return func(*args, **kwargs)
 
 
-def _lp_batch_norm(layer: LpBatchNorm, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+def _redirected_batch_norm(layer: LpBatchNorm, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm``'s signature, computed with ``layer``'s norm and settings."""
@@ -437,7 +437,7 @@ def convert_batchnorm(
         base = _torch_base(cls)
         ours = _TO_OURS[base][norm]
         if cls is base:
-            return _transplant(source, _blank(ours, source, **layer_kwargs), _stats_dtype_widened(source))
+            return transplant_state(source, blank_like(ours, source, **layer_kwargs), _stats_dtype_widened(source))
         # A subclass of torch's layers.
         if subclasses == "warn":
             warnings.warn(
@@ -467,9 +467,9 @@ def convert_batchnorm(
                 f"normdecouple.{ours.__name__} uses for its own settings; expected a subclass without these "
                 f"names. Rename them in {cls.__name__}, or pass subclasses='warn' to leave it as it is"
             )
-        target = _blank(ours, source, **layer_kwargs)
+        target = blank_like(ours, source, **layer_kwargs)
         target.__class__ = _lp_subclass(cls, ours)
-        return _transplant(source, target, _stats_dtype_widened(source))
+        return transplant_state(source, target, _stats_dtype_widened(source))
 
     if not isinstance(fuse_activation, bool):
         raise TypeError(f"fuse_activation must be a bool, got {fuse_activation!r}")
@@ -566,10 +566,10 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
         # torch's SyncBatchNorm takes its group as a constructor argument: the one our layer held, if any.
         group = {"process_group": vars(source).get("process_group")} if torch_class is nn.SyncBatchNorm else {}
         if user_class is None:
-            return _transplant(source, _blank(torch_class, source, **group), stats_dtype)
-        target = _blank(torch_class, source, **group)
+            return transplant_state(source, blank_like(torch_class, source, **group), stats_dtype)
+        target = blank_like(torch_class, source, **group)
         target.__class__ = user_class
-        return _transplant(source, target, stats_dtype)
+        return transplant_state(source, target, stats_dtype)
 
     return _replace_all(module, decide)
 
@@ -650,9 +650,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
                 f"unsynchronised by converting only the submodules that do not hold it"
             )
         unsync_class = source._unsync_class if isinstance(source, _SYNC_CLASSES) else cls
-        target = _blank(_TO_SYNC[cls], source, process_group=process_group, **_our_kwargs(source))
+        target = blank_like(_TO_SYNC[cls], source, process_group=process_group, **_our_kwargs(source))
         target._unsync_class = unsync_class
-        return _transplant(source, target)
+        return transplant_state(source, target)
 
     return _replace_all(module, decide)
 
@@ -699,6 +699,6 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
                 f"{cls.__mro__[1].__name__} that this function has no rule for; expected SyncL1BatchNorm or "
                 f"SyncLinfBatchNorm. Revert the submodules that do not hold it"
             )
-        return _transplant(source, _blank(source._unsync_class, source, **_our_kwargs(source)))
+        return transplant_state(source, blank_like(source._unsync_class, source, **_our_kwargs(source)))
 
     return _replace_all(module, decide)

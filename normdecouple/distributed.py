@@ -437,7 +437,7 @@ _SYNC_NOTE = r"""
 
 
 def _sync_doc(title: str, name: str, linf: bool) -> str:
-    formula = bn._LINF_FORMULA if linf else bn._L1_FORMULA
+    formula = bn.LINF_FORMULA_DOC if linf else bn.L1_FORMULA_DOC
     collectives = (
         "forward 1 all-gather, backward 1 all-reduce" if linf else "forward 2 all-reduces, backward 1 all-reduce"
     )
@@ -445,7 +445,7 @@ def _sync_doc(title: str, name: str, linf: bool) -> str:
         f"{title} synchronised over a ``torch.distributed`` process group, for inputs of any rank >= 2: "
         f"the counterpart of :class:`torch.nn.SyncBatchNorm`.\n" + formula + string.Template(_SYNC_NOTE).substitute(
             collectives=collectives,
-            extra=bn._K_ARG if linf else "",
+            extra=bn.K_ARG_DOC if linf else "",
             name=name,
             example_kw=", k=4" if linf else "",
             k_raise=", or for ``k`` above that number" if linf else "",
@@ -453,7 +453,7 @@ def _sync_doc(title: str, name: str, linf: bool) -> str:
     )
 
 
-class SyncL1BatchNorm(_SyncLpBatchNorm, bn._L1):
+class SyncL1BatchNorm(_SyncLpBatchNorm, bn.L1BatchNormBase):
     __doc__ = _sync_doc("L1 batch normalization", "SyncL1BatchNorm", False)
     _unsync_default = bn.L1BatchNormNd
 
@@ -479,7 +479,7 @@ class SyncL1BatchNorm(_SyncLpBatchNorm, bn._L1):
         self._init_sync(process_group)
 
 
-class SyncLinfBatchNorm(_SyncLpBatchNorm, bn._Linf):
+class SyncLinfBatchNorm(_SyncLpBatchNorm, bn.LinfBatchNormBase):
     __doc__ = _sync_doc("L∞ (top-k) batch normalization", "SyncLinfBatchNorm", True)
     _unsync_default = bn.LinfBatchNormNd
 

@@ -64,7 +64,7 @@ def _triton_available() -> bool:
     return _triton_importable
 
 
-def _select_function(input: Tensor, backend: str) -> type[torch.autograd.Function]:
+def select_function(input: Tensor, backend: str) -> type[torch.autograd.Function]:
     """The autograd Function that computes training-mode batch norm for ``input`` with ``backend``.
 
     ``"torch"``: the PyTorch path. ``"auto"``: the Triton kernels for CUDA tensors when Triton is importable,
@@ -93,7 +93,7 @@ def validate_k(k: int) -> int:
     return k
 
 
-def _verify_batch_size(input: Tensor) -> None:
+def verify_batch_size(input: Tensor) -> None:
     size = input.size()
     count = size[0]
     for extent in size[2:]:
@@ -102,7 +102,7 @@ def _verify_batch_size(input: Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
-def _check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+def check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
                  bias: Tensor | None) -> None:
     """torch's own errors (type and text) for an input dtype or channel count that batch norm cannot take."""
     if not input.is_floating_point():
@@ -116,7 +116,7 @@ def _check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
-def _needs_differentiable_path(input: Tensor, weight: Tensor | None) -> bool:
+def needs_differentiable_path(input: Tensor, weight: Tensor | None) -> bool:
     """Inputs that an autograd.Function with a hand-written backward cannot serve: ``torch.func`` transforms
     (their wrapped tensors) and forward-mode AD (dual tensors); :func:`differentiable_batch_norm` does.
     Under ``torch.compile`` the Function is traced (and differentiated) by the compiler itself."""
@@ -167,7 +167,7 @@ def update_running_stats(
             )
 
 
-def _lp_batch_norm(
+def lp_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -181,10 +181,16 @@ def _lp_batch_norm(
     low_precision: bool,
     backend: str,
 ) -> Tensor:
+    """The batch norm of :func:`l1_batch_norm` / :func:`linf_batch_norm` with the norm as an argument
+    (a :class:`~normdecouple.stats.Norm`): checks, empty batches, backend dispatch, running statistics.
+
+    Every argument is required (the two public functions hold the defaults); shared with the fused
+    BatchNorm + activation layers, which take the same path wherever they cannot save memory.
+    """
     validate_backend(backend)
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    _check_input(input, running_mean, running_var, weight, bias)
+    check_input(input, running_mean, running_var, weight, bias)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
     if training and eps <= 0.0:
@@ -201,7 +207,7 @@ def _lp_batch_norm(
         w = None if weight is None else weight.to(stat_dtype)
         b = None if bias is None else bias.to(stat_dtype)
         return torch.nn.functional.batch_norm(input, running_mean, running_var, w, b, False, 0.0, eps)
-    _verify_batch_size(input)
+    verify_batch_size(input)
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     if count == 0:
         # torch's behaviour: the (empty) output, the running statistics untouched.
@@ -211,10 +217,10 @@ def _lp_batch_norm(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
             f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
         )
-    if _needs_differentiable_path(input, weight):
+    if needs_differentiable_path(input, weight):
         y, batch_mean, batch_scale = differentiable_batch_norm(input, weight, bias, eps, norm, k)
     else:
-        y, batch_mean, batch_scale = _select_function(input, backend).apply(
+        y, batch_mean, batch_scale = select_function(input, backend).apply(
             input, weight, bias, eps, norm, k, low_precision
         )
     if running_mean is not None:
@@ -291,7 +297,7 @@ def l1_batch_norm(
 
     References: arXiv:1803.01814
     """
-    return _lp_batch_norm(
+    return lp_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, Norm.L1, 1, low_precision, backend
     )
 
@@ -348,6 +354,6 @@ def linf_batch_norm(
     References: arXiv:1803.01814
     """
     validate_k(k)
-    return _lp_batch_norm(
+    return lp_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, Norm.LINF, k, low_precision, backend
     )

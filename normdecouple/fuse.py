@@ -58,7 +58,7 @@ from .batchnorm_act import (
     LinfBatchNormAct2d,
     LinfBatchNormAct3d,
 )
-from .convert import _blank, _transplant
+from .convert import blank_like, transplant_state
 
 __all__ = ["FusedActivation", "fuse_activations", "unfuse_activations", "fusable_pairs"]
 
@@ -289,7 +289,7 @@ def fuse_activations(model: nn.Module, example_inputs: Any = None) -> nn.Module:
                                   "low_precision": layer.low_precision, "backend": layer.backend}
         if hasattr(layer, "k"):
             kwargs["k"] = layer.k
-        fused = _transplant(layer, _blank(_FUSED_CLASS[type(layer)], layer, **kwargs))
+        fused = transplant_state(layer, blank_like(_FUSED_CLASS[type(layer)], layer, **kwargs))
         fused.__dict__["_fused_from"] = type(layer)
         replacements[id(layer)] = fused
         if id(act) not in replacements:
@@ -317,7 +317,7 @@ def unfuse_activations(model: nn.Module) -> nn.Module:
             kwargs: dict[str, Any] = {"low_precision": module.low_precision, "backend": module.backend}
             if hasattr(module, "k"):
                 kwargs["k"] = module.k
-            plain = _transplant(module, _blank(plain_class, module, **kwargs))
+            plain = transplant_state(module, blank_like(plain_class, module, **kwargs))
             for name in _ACT_ATTRIBUTES:
                 plain.__dict__.pop(name, None)
             replacements[id(module)] = plain

@@ -253,12 +253,12 @@ def test_auto_dispatch_picks_the_backend_by_device(monkeypatch, triton_importabl
     from normdecouple._torch_backend import LpBatchNormFunction
 
     monkeypatch.setattr(functional, "_triton_available", lambda: triton_importable)
-    assert functional._select_function(torch.randn(4, 3), "auto") is LpBatchNormFunction
-    assert functional._select_function(torch.randn(4, 3), "torch") is LpBatchNormFunction
+    assert functional.select_function(torch.randn(4, 3), "auto") is LpBatchNormFunction
+    assert functional.select_function(torch.randn(4, 3), "torch") is LpBatchNormFunction
     with FakeTensorMode():
         cuda_input = torch.empty(4, 3, device="cuda")
-    chosen = functional._select_function(cuda_input, "auto")
-    assert functional._select_function(cuda_input, "torch") is LpBatchNormFunction
+    chosen = functional.select_function(cuda_input, "auto")
+    assert functional.select_function(cuda_input, "torch") is LpBatchNormFunction
     if triton_importable:
         from normdecouple._triton import TritonLpBatchNormFunction
 

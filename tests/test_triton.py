@@ -235,10 +235,10 @@ def test_deterministic(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch(device):
     x = torch.randn(4, 3, device=device)
-    assert functional._select_function(x, "triton") is TritonLpBatchNormFunction
-    assert functional._select_function(x, "torch") is LpBatchNormFunction
+    assert functional.select_function(x, "triton") is TritonLpBatchNormFunction
+    assert functional.select_function(x, "torch") is LpBatchNormFunction
     auto = TritonLpBatchNormFunction if device == "cuda" else LpBatchNormFunction
-    assert functional._select_function(x, "auto") is auto
+    assert functional.select_function(x, "auto") is auto
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -288,13 +288,13 @@ def build(fn, types, constexprs):
 half = {"x_ptr": "*bf16", "y_ptr": "*bf16", "src_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16",
         "const_ptr": "*fp64", "sign_ptr": "*i32", "count_ptr": "*i32"}
 common = dict(DT=tl.bfloat16, ACC=tl.float32)
-build(kernels._forward_fused_kernel, half, dict(L1=False, LOWP=True, HAS_W=True, HAS_B=True, KPAD=4, INDEX_64=False,
+build(kernels.forward_fused_kernel, half, dict(L1=False, LOWP=True, HAS_W=True, HAS_B=True, KPAD=4, INDEX_64=False,
                                                 BLOCK_C=2, BLOCK_N=256, **common))
-build(kernels._channel_reduce_kernel, half, dict(CENTERED=False, TREE=True, FINAL=False, KPAD=8, INDEX_64=False,
+build(kernels.channel_reduce_kernel, half, dict(CENTERED=False, TREE=True, FINAL=False, KPAD=8, INDEX_64=False,
                                                  BLOCK_C=1, BLOCK_N=2048, **common))
-build(kernels._forward_finalize_kernel, half, dict(L1=False, LOWP=True, HAS_W=True, KPAD=4, BLOCK_C=64, BLOCK_Q=256,
+build(kernels.forward_finalize_kernel, half, dict(L1=False, LOWP=True, HAS_W=True, KPAD=4, BLOCK_C=64, BLOCK_Q=256,
                                                    **common))
-build(kernels._backward_dx_kernel, half, dict(L1=False, LOWP=False, HAS_W=True, INDEX_64=False, BLOCK_C=32,
+build(kernels.backward_dx_kernel, half, dict(L1=False, LOWP=False, HAS_W=True, INDEX_64=False, BLOCK_C=32,
                                               BLOCK_N=64, BLOCK_Q=64, **common))
 """
 

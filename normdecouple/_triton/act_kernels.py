@@ -3,9 +3,9 @@ r"""Triton kernels of the fused BatchNorm + activation layers: the activation ep
 The normalisation itself is the Triton batch-norm forward (:mod:`normdecouple._triton.kernels`); these kernels
 add what the fused layers need around it (notation of :mod:`normdecouple._act_backend`):
 
-* :func:`_act_forward_kernel`: ``y = act(y + r)`` in place and, for L1, sign(x - mu) packed 8 values per byte
+* :func:`act_forward_kernel`: ``y = act(y + r)`` in place and, for L1, sign(x - mu) packed 8 values per byte
   plus a per-channel flag for values exactly at the mean (their sign, 0, has no bit);
-* :func:`_l1_grad_kernel`: ``dx = dz * a_c + o_c + k_c * b`` with the bit b of each value unpacked in the
+* :func:`l1_grad_kernel`: ``dx = dz * a_c + o_c + k_c * b`` with the bit b of each value unpacked in the
   kernel (a = gamma / s_e, o = offset - coef, k = 2 coef), so the backward never materialises u.
 
 Addressing: both kernels walk the values in memory order of the (A, C, B) view (contiguous NCHW or
@@ -21,14 +21,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _to_output
+from .kernels import to_output
 
 #: Activation codes of the ``ACT`` constexpr.
 RELU, LEAKY_RELU, IDENTITY = 0, 1, 2
 
 
 @triton.jit
-def _act_forward_kernel(
+def act_forward_kernel(
     y_ptr,  # the batch-norm output, (A, C, B) contiguous; overwritten by act(y + r)
     r_ptr,  # the residual in the same layout (ignored without HAS_R)
     x_ptr,  # the input in the same layout (ignored without SIGNS)
@@ -59,7 +59,7 @@ def _act_forward_kernel(
         z = tl.where(z > 0, z, 0.0)
     elif ACT == 1:
         z = tl.where(z > 0, z, z * slope)
-    tl.store(y_ptr + offs, _to_output(z, DT), mask=mask)
+    tl.store(y_ptr + offs, to_output(z, DT), mask=mask)
     if SIGNS:
         ch = (offs // inner) % C
         mean = tl.load(mean_ptr + ch, mask=mask, other=0.0)
@@ -72,9 +72,9 @@ def _act_forward_kernel(
 
 
 @triton.jit
-def _l1_grad_kernel(
+def l1_grad_kernel(
     dz_ptr,  # dL/dz, (A, C, B) contiguous
-    bits_ptr,  # the packed signs of _act_forward_kernel
+    bits_ptr,  # the packed signs of act_forward_kernel
     dx_ptr,  # output dL/dx in ACC, same layout
     a_ptr,  # (C,) gamma / s_e
     o_ptr,  # (C,) offset - coef

@@ -34,14 +34,14 @@ def supports(x: Tensor, low_precision: bool) -> bool:
 
 
 def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
-    return launch._TL_DTYPES[torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype]
+    return launch.TL_DTYPES[torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype]
 
 
 def statistics(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float,
                norm: Norm, k: int, activation: str, negative_slope: float):
     """``(y, mean, scale, inv_std, threshold, top, signs, has_zero)`` of the fused forward.
 
-    y = act(BN(x) + residual) (the Triton batch-norm forward, then :func:`act_kernels._act_forward_kernel` in
+    y = act(BN(x) + residual) (the Triton batch-norm forward, then :func:`act_kernels.act_forward_kernel` in
     place); for L1 ``signs`` are the packed bits of x > mean and ``has_zero`` the channels with a value at the
     mean; for L∞ ``top`` holds the sorted largest |d| of each channel (k + 1 of them) and their positions.
     """
@@ -54,11 +54,11 @@ def statistics(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: 
     r = None if residual is None else canonical(residual, channels_last).contiguous()
     signs = torch.empty((numel + 7) // 8 if l1 else 0, dtype=torch.uint8, device=x.device)
     zero = torch.zeros(c if l1 else 0, dtype=torch.int32, device=x.device)
-    acc = launch._TL_DTYPES[mean.dtype]
-    act_kernels._act_forward_kernel[(triton.cdiv(numel, 8 * BLOCK),)](
+    acc = launch.TL_DTYPES[mean.dtype]
+    act_kernels.act_forward_kernel[(triton.cdiv(numel, 8 * BLOCK),)](
         out, out if r is None else r, view, mean, signs if l1 else out, zero if l1 else mean,
         numel, c, inner, float(negative_slope),
-        HAS_R=r is not None, ACT=_ACT_CODES[activation], SIGNS=l1, DT=launch._TL_DTYPES[x.dtype],
+        HAS_R=r is not None, ACT=_ACT_CODES[activation], SIGNS=l1, DT=launch.TL_DTYPES[x.dtype],
         COMPUTE=_compute_dtype(x.dtype), ACC=acc,
         BLOCK=BLOCK,
     )
@@ -75,8 +75,8 @@ def l1_input_grad(dz: Tensor, signs: Tensor, a: Tensor, o: Tensor, k: Tensor) ->
     dz = dz.contiguous()
     numel, c, inner = dz.numel(), dz.shape[1], dz.shape[2]
     dx = torch.empty(dz.shape, dtype=a.dtype, device=dz.device)
-    act_kernels._l1_grad_kernel[(triton.cdiv(numel, 8 * BLOCK),)](
+    act_kernels.l1_grad_kernel[(triton.cdiv(numel, 8 * BLOCK),)](
         dz, signs, dx, a.contiguous(), o.contiguous(), k.contiguous(), numel, c, inner,
-        ACC=launch._TL_DTYPES[a.dtype], BLOCK=BLOCK,
+        ACC=launch.TL_DTYPES[a.dtype], BLOCK=BLOCK,
     )
     return dx

@@ -50,7 +50,7 @@ def _rnd(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _to_output(v, DT: tl.constexpr):
+def to_output(v, DT: tl.constexpr):
     """Convert accumulator values to the output dtype ``DT`` with round-to-nearest-even on every backend."""
     return _rnd(v, DT).to(DT)
 
@@ -178,7 +178,7 @@ def _sign(d):
 
 
 @triton.jit
-def _forward_fused_kernel(
+def forward_fused_kernel(
     x_ptr,  # input, (A, C, B) addressing as in the module docstring
     y_ptr,  # output, same strides as x
     w_ptr,  # (C,) weight, or any pointer when not HAS_W
@@ -237,17 +237,17 @@ def _forward_fused_kernel(
         if LOWP:
             beta = _rnd(beta, DT)
         y = y + beta[:, None]
-    tl.store(y_ptr + offsets, _to_output(y, DT), mask=mask)
+    tl.store(y_ptr + offsets, to_output(y, DT), mask=mask)
     tl.store(mean_ptr + ch, mean, mask=cmask)
     tl.store(scale_ptr + ch, scale, mask=cmask)
     tl.store(inv_std_ptr + ch, inv_std, mask=cmask)
 
 
 @triton.jit
-def _channel_reduce_kernel(
+def channel_reduce_kernel(
     src_ptr,  # values, (A, C, B) addressing; a (C, splits) partial array is (splits, C, 1) with inner = 1
     center_ptr,  # (C,) ACC: mu, subtracted before |.| when CENTERED
-    const_ptr,  # float64 constants as in _forward_fused_kernel (width / n at index 3)
+    const_ptr,  # float64 constants as in forward_fused_kernel (width / n at index 3)
     out_ptr,  # (C, splits) ACC out: partial sums (SUM) or block means (TREE), finished values when FINAL
     sign_ptr,  # (C, splits) int32 out: partial sums of sign(x - mu) when CENTERED
     cand_ptr,  # (C, splits, 2 * KPAD) ACC out (KPAD > 0): the KPAD largest and the KPAD smallest x
@@ -316,11 +316,11 @@ def _channel_reduce_kernel(
 
 
 @triton.jit
-def _forward_finalize_kernel(
+def forward_finalize_kernel(
     mean_ptr,  # (C,) ACC: mu
     stat_ptr,  # (C,) ACC (L1): mean|d|
     sign_part_ptr,  # (C, splits) int32 (L1): partial sums of sign(d)
-    cand_ptr,  # (C, splits, 2 * KPAD) ACC (L∞): candidates from _channel_reduce_kernel
+    cand_ptr,  # (C, splits, 2 * KPAD) ACC (L∞): candidates from channel_reduce_kernel
     w_ptr,
     const_ptr,
     scale_ptr,  # (C,) ACC out: s
@@ -385,7 +385,7 @@ def _forward_finalize_kernel(
 
 
 @triton.jit
-def _normalize_kernel(
+def normalize_kernel(
     x_ptr,
     y_ptr,  # same strides as x
     mean_ptr,  # (C,) ACC: mu
@@ -420,7 +420,7 @@ def _normalize_kernel(
             y = _rnd(y, DT)
         if HAS_B:
             y = y + beta[:, None]
-        tl.store(y_ptr + offsets, _to_output(y, DT), mask=mask)
+        tl.store(y_ptr + offsets, to_output(y, DT), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -487,7 +487,7 @@ def _u_term(d, threshold, share, L1: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _backward_fused_kernel(
+def backward_fused_kernel(
     dy_ptr,  # grad of y, same strides as x
     x_ptr,
     dx_ptr,  # out, same strides as x
@@ -545,13 +545,13 @@ def _backward_fused_kernel(
                                                   sign_above, n_tied, sign_tied, factor, n, k, L1, ACC)
     u = _u_term(d, threshold, share, L1, ACC)
     dx = dy * g_inv[:, None] + offset[:, None] + coef[:, None] * u
-    tl.store(dx_ptr + offsets, _to_output(dx, DT), mask=mask)
+    tl.store(dx_ptr + offsets, to_output(dx, DT), mask=mask)
     tl.store(dw_ptr + ch, sum_dy_xhat, mask=cmask)
     tl.store(db_ptr + ch, sum_dy, mask=cmask)
 
 
 @triton.jit
-def _backward_reduce_kernel(
+def backward_reduce_kernel(
     dy_ptr,
     x_ptr,
     mean_ptr, inv_std_ptr,  # (C,) ACC from the forward
@@ -618,13 +618,13 @@ def _sum_partials(ptr, ch, cmask, splits, BLOCK_C: tl.constexpr, BLOCK_Q: tl.con
 
 
 @triton.jit
-def _backward_dx_kernel(
+def backward_dx_kernel(
     dy_ptr,
     x_ptr,
     dx_ptr,
     w_ptr,
-    mean_ptr, scale_ptr, inv_std_ptr, thr_ptr, sign_ptr, const_ptr,  # as in _backward_fused_kernel
-    part_ptr, count_ptr,  # partials from _backward_reduce_kernel
+    mean_ptr, scale_ptr, inv_std_ptr, thr_ptr, sign_ptr, const_ptr,  # as in backward_fused_kernel
+    part_ptr, count_ptr,  # partials from backward_reduce_kernel
     dw_ptr, db_ptr,  # (C,) ACC out, written by the programs of split 0
     C, n, k, inner, stride_a, stride_b, stride_c,
     blocks_per_split, splits,
@@ -677,7 +677,7 @@ def _backward_dx_kernel(
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
         u = _u_term(_deviation(x, mean, LOWP, DT), threshold, share, L1, ACC)
         dx = dy * g_inv[:, None] + offset[:, None] + coef[:, None] * u
-        tl.store(dx_ptr + offsets, _to_output(dx, DT), mask=mask)
+        tl.store(dx_ptr + offsets, to_output(dx, DT), mask=mask)
     if pid_s == 0:
         tl.store(dw_ptr + ch, sum_dy_xhat, mask=cmask)
         tl.store(db_ptr + ch, sum_dy, mask=cmask)

@@ -30,7 +30,7 @@ __all__ = ["TileConfig", "tile_config", "forward", "backward", "MAX_KERNEL_K"]
 #: normalising pass and the backward still run in Triton.
 MAX_KERNEL_K = 64
 
-_TL_DTYPES = {
+TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
@@ -209,7 +209,7 @@ def _common(x: Tensor, low_precision: bool) -> tuple[bool, torch.dtype, tl.dtype
     """(statistics in the input dtype, accumulator dtype, Triton input and accumulator dtypes, 64-bit offsets)."""
     lowp = computes_in_input_dtype(x.dtype, low_precision)
     acc = accumulate_dtype(x.dtype)
-    return lowp, acc, _TL_DTYPES[x.dtype], _TL_DTYPES[acc], x.numel() >= 2**31
+    return lowp, acc, TL_DTYPES[x.dtype], TL_DTYPES[acc], x.numel() >= 2**31
 
 
 def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int,
@@ -253,7 +253,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n
         mean = torch.empty(c, dtype=acc, device=device)
         block_n = _next_pow2(n)
         block_c = _fused_block_c(c, block_n, config)
-        kernels._forward_fused_kernel[(triton.cdiv(c, block_c),)](
+        kernels.forward_fused_kernel[(triton.cdiv(c, block_c),)](
             xk, yk, w, b, consts, mean, scale, inv_std, mean if l1 else threshold, sign_sum if l1 else mean,
             c, n, k, *strides,
             L1=l1, HAS_B=bias is not None, KPAD=max(kpad, 1), INDEX_64=index_64, BLOCK_C=block_c,
@@ -269,7 +269,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n
         if l1:
             dev = _reduce_channels(xk, layout, c, n, config, lowp, dt, acc_tl, acc, index_64, consts,
                                    centered=mean, kpad=0)
-            kernels._forward_finalize_kernel[fin_grid](
+            kernels.forward_finalize_kernel[fin_grid](
                 mean, dev.result, dev.signs, mean, w, consts, scale, inv_std, mult, mean, sign_sum,
                 c, n, 1, dev.splits, dev.chunk,
                 L1=True, KPAD=1, BLOCK_C=config.finalize_block_c,
@@ -277,7 +277,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n
             )
         elif kernel_kpad:
             count = first.splits * 2 * kpad
-            kernels._forward_finalize_kernel[fin_grid](
+            kernels.forward_finalize_kernel[fin_grid](
                 mean, mean, mean, first.candidates, w, consts, scale, inv_std, mult, threshold, mean,
                 c, n, k, first.splits, first.chunk,
                 L1=False, KPAD=kpad, BLOCK_C=config.finalize_block_c,
@@ -286,7 +286,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n
         else:
             _host_topk_statistics(xk, mean, weight, consts, k, lowp, x.dtype, scale, inv_std, mult, threshold)
         grid = _stream_grid(c, n, layout, config)
-        kernels._normalize_kernel[(grid.c_tiles, grid.splits)](
+        kernels.normalize_kernel[(grid.c_tiles, grid.splits)](
             xk, yk, mean, mult, b, c, n, *strides, grid.blocks_per_split,
             LOWP=lowp, HAS_B=bias is not None, DT=dt, ACC=acc_tl, INDEX_64=index_64,
             BLOCK_C=grid.block_c, BLOCK_N=grid.block_n, **config.launch_options,
@@ -308,7 +308,7 @@ class _Reduced:
 def _reduce_channels(xk: Tensor, layout: _Layout, c: int, n: int, config: TileConfig, lowp: bool, dt: tl.dtype,
                      acc_tl: tl.dtype, acc: torch.dtype, index_64: bool, consts: Tensor, centered: Tensor | None,
                      kpad: int) -> _Reduced:
-    """Per-channel mean of x (or of |x - mu| when ``centered`` is mu) by levels of _channel_reduce_kernel.
+    """Per-channel mean of x (or of |x - mu| when ``centered`` is mu) by levels of channel_reduce_kernel.
 
     Level 1 reads x over a 2-D grid (and, with ``kpad``, keeps the L∞ candidates); every further level reduces
     the previous level's (C, splits) partials, read as a (splits, C, 1) array, until one value per channel is left.
@@ -325,7 +325,7 @@ def _reduce_channels(xk: Tensor, layout: _Layout, c: int, n: int, config: TileCo
         signs = torch.empty((c, grid.splits), dtype=torch.int32, device=device) if use_center else out
         level_kpad = kpad if level_one else 0
         cand = (torch.empty((c, grid.splits, 2 * kpad), dtype=acc, device=device) if level_kpad else out)
-        kernels._channel_reduce_kernel[(grid.c_tiles, grid.splits)](
+        kernels.channel_reduce_kernel[(grid.c_tiles, grid.splits)](
             src, centered if use_center else out, consts, out, signs, cand,
             c, count, src_layout.inner, src_layout.stride_a, src_layout.stride_b, src_layout.stride_c,
             grid.blocks_per_split, grid.splits, n,
@@ -401,7 +401,7 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, sca
     if n <= config.fused_max_n:
         block_n = _next_pow2(n)
         block_c = _fused_block_c(c, block_n, config)
-        kernels._backward_fused_kernel[(triton.cdiv(c, block_c),)](
+        kernels.backward_fused_kernel[(triton.cdiv(c, block_c),)](
             dyk, xk, dxk, w, mean, scale, inv_std, thr, signs, consts, sum_dy_xhat, sum_dy,
             c, n, k, *strides,
             L1=l1, LOWP=lowp, HAS_W=weight is not None, DT=dt, ACC=acc_tl, INDEX_64=index_64,
@@ -412,13 +412,13 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, sca
         partials = torch.empty((2, c, grid.splits), dtype=acc, device=device)
         counts = torch.empty((4, c, grid.splits) if not l1 else (0,), dtype=torch.int32, device=device)
         launch = (grid.c_tiles, grid.splits)
-        kernels._backward_reduce_kernel[launch](
+        kernels.backward_reduce_kernel[launch](
             dyk, xk, mean, inv_std, thr, partials, counts if not l1 else partials,
             c, n, *strides, grid.blocks_per_split, grid.splits,
             L1=l1, LOWP=lowp, DT=dt, ACC=acc_tl, INDEX_64=index_64,
             BLOCK_C=grid.block_c, BLOCK_N=grid.block_n, **config.launch_options,
         )
-        kernels._backward_dx_kernel[launch](
+        kernels.backward_dx_kernel[launch](
             dyk, xk, dxk, w, mean, scale, inv_std, thr, signs, consts, partials, counts if not l1 else partials,
             sum_dy_xhat, sum_dy,
             c, n, k, *strides, grid.blocks_per_split, grid.splits,
