@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F_nd
-from ._torch_backend import _forward, differentiable_batch_norm
+from ._torch_backend import differentiable_batch_norm, training_forward
 from .stats import (
     Norm,
     accumulate_dtype,
@@ -209,8 +209,9 @@ class LpBatchNormActFunction(torch.autograd.Function):
         else:
             # The unfused layer's own forward (same values); for L∞ ``top`` holds the sorted largest |d| of
             # each channel (k and a few more) and their positions in the channel-major row.
-            y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n,
-                                                                                lowp)
+            y, batch_mean, scale, inv_std, lowp_mean, threshold, top = training_forward(
+                x, weight, bias, eps, norm, k, n, lowp
+            )
             if residual is not None:
                 y = y.add_(residual)
             y = activate(y, activation, negative_slope, inplace=True)

@@ -1,7 +1,7 @@
 r"""The PyTorch backend of L1 and L∞ batch normalization: the training forward and its closed-form backward.
 
 The math (scales, tie rule, input gradient) is in :mod:`normdecouple.stats`; this module runs it with torch
-ops. Forward (training, :func:`_forward`): mu and the scale s per channel (:func:`~normdecouple.stats.l1_scale`;
+ops. Forward (training, :func:`training_forward`): mu and the scale s per channel (:func:`~normdecouple.stats.l1_scale`;
 for L∞ the k + ``TOPK_SPARE`` largest |d| and their positions, :func:`~normdecouple.stats.linf_top`), then
 ``y = x_hat * weight + bias`` by torch's own fused (eval-mode) batch-norm kernel with the batch statistics
 (mu, s^2) standing in for the running ones, so layouts (NCHW, channels_last) and mixed dtypes are handled
@@ -61,7 +61,13 @@ from .stats import (
     uncanonical,
 )
 
-__all__ = ["LpBatchNormFunction", "normalise", "differentiable_batch_norm", "backward_with_graph"]
+__all__ = [
+    "LpBatchNormFunction",
+    "training_forward",
+    "normalise",
+    "differentiable_batch_norm",
+    "backward_with_graph",
+]
 
 
 def normalise(
@@ -106,8 +112,8 @@ def normalise(
 TOPK_SPARE = 4
 
 
-def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int,
-             lowp: bool):
+def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int,
+                     n: int, lowp: bool):
     """The training forward: ``(y, mean, scale, inv_std, lowp_mean, threshold, top)``.
 
     mean and scale in :func:`accumulate_dtype`; ``lowp_mean`` the mean in the input dtype (low precision only);
@@ -149,16 +155,6 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     if lowp:
         return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold, top
     return y, mean, scale, inv_std, None, threshold, top
-
-
-def _forward_full(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int):
-    """:func:`_forward` with statistics in :func:`accumulate_dtype`: ``(y, mean, scale, inv_std, None, t)``."""
-    return _forward(x, weight, bias, eps, norm, k, n, lowp=False)[:6]
-
-
-def _forward_lowp(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: Norm, k: int, n: int):
-    """:func:`_forward` with statistics in the input dtype: ``(y, mean, scale, inv_std, lowp_mean, t)``."""
-    return _forward(x, weight, bias, eps, norm, k, n, lowp=True)[:6]
 
 
 def _scale_shift(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
@@ -208,7 +204,9 @@ class LpBatchNormFunction(torch.autograd.Function):
         norm = Norm.parse(norm)
         n = x.numel() // x.shape[1]
         lowp = computes_in_input_dtype(x.dtype, low_precision)
-        y, batch_mean, scale, inv_std, lowp_mean, threshold, top = _forward(x, weight, bias, eps, norm, k, n, lowp)
+        y, batch_mean, scale, inv_std, lowp_mean, threshold, top = training_forward(
+            x, weight, bias, eps, norm, k, n, lowp
+        )
         ctx.norm, ctx.k, ctx.eps = norm, k, eps
         ctx.channels_last = is_channels_last(x)
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -60,8 +60,8 @@ def _(grad_y, x, weight, mean, scale, inv_std, threshold, sign_sum, norm, k, low
 class TritonLpBatchNormFunction(torch.autograd.Function):
     """Training-mode L1/L∞ batch norm on the Triton kernels, a drop-in for ``LpBatchNormFunction``.
 
-    ``apply(x, weight, bias, eps, norm, k, low_precision)`` (``norm`` a ``Norm``) returns ``(y, batch_mean, batch_scale)``, the
-    statistics in float32 (float64 for float64 input) and without gradient; running statistics are never
+    ``apply(x, weight, bias, eps, norm, k, low_precision)`` (``norm`` a ``Norm`` or its value) returns
+    ``(y, batch_mean, batch_scale)``, the statistics in float32 (float64 for float64 input) and without gradient; running statistics are never
     touched here. The backward keeps the input, the weight and per-channel vectors: mu, s, 1/s_e and for L∞
     the k-th largest |d| (tie rule), for L1 the sum of sign(d). With ``create_graph=True`` the backward is
     :func:`normdecouple._torch_backend.backward_with_graph` (differentiable again).
