@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable
 
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 import normdecouple as nd
+from timing import interleaved_medians  # benchmarks/timing.py, next to this script
 
 # ResNet-like (N, C, H, W), the batch scaled down for a CPU.
 SHAPES = [(16, 64, 56, 56), (16, 128, 28, 28), (16, 256, 14, 14), (16, 512, 7, 7), (64, 64, 16, 16)]
@@ -47,20 +47,6 @@ def variants(channels: int) -> dict[str, nn.Module]:
         "Linf k=1": nd.LinfBatchNorm2d(channels, k=1),
         "Linf k=8": nd.LinfBatchNorm2d(channels, k=8),
     }
-
-
-def interleaved_medians(runs: dict[str, Callable[[], float]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median time of each run over ``repeats`` rounds; every round runs every variant once, in rotating order."""
-    names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        order = names[round_ % len(names):] + names[: round_ % len(names)]
-        for name in order:
-            times[name].append(runs[name]())
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def layer_run(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, inner: int = 1) -> Callable[[], float]:

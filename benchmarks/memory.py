@@ -21,7 +21,6 @@ repeats (every variant once per round, rotating order): only ratios within one r
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 import normdecouple as nd
+from timing import interleaved_medians  # benchmarks/timing.py, next to this script
 from normdecouple.fuse import fusable_pairs, fuse_activations
 
 # Bottleneck stages of ResNet-50: (width, blocks, stride); output channels = 4 * width.
@@ -63,19 +63,6 @@ def fwd_bwd_run(model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
         y.backward(grad[0])
         return time.perf_counter() - start
     return run
-
-
-def interleaved_medians(runs: dict[str, Callable[[], float]], repeats: int, warmup: int) -> dict[str, float]:
-    names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        order = names[round_ % len(names):] + names[: round_ % len(names)]
-        for name in order:
-            times[name].append(runs[name]())
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
