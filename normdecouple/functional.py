@@ -116,18 +116,17 @@ def check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor 
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
-def needs_differentiable_path(input: Tensor, weight: Tensor | None) -> bool:
+def needs_differentiable_path(input: Tensor, weight: Tensor | None, bias: Tensor | None = None) -> bool:
     """Inputs that an autograd.Function with a hand-written backward cannot serve: ``torch.func`` transforms
     (their wrapped tensors) and forward-mode AD (dual tensors); :func:`differentiable_batch_norm` does.
     Under ``torch.compile`` the Function is traced (and differentiated) by the compiler itself."""
     if torch.compiler.is_compiling():
         return False
-    for t in (input, weight):
-        if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return True
+    tensors = [t for t in (input, weight, bias) if t is not None]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
     if torch.autograd.forward_ad._current_level >= 0:
-        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
-                   for t in (input, weight))
+        return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
     return False
 
 
@@ -217,7 +216,7 @@ def lp_batch_norm(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
             f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
         )
-    if needs_differentiable_path(input, weight):
+    if needs_differentiable_path(input, weight, bias):
         y, batch_mean, batch_scale = differentiable_batch_norm(input, weight, bias, eps, norm, k)
     else:
         y, batch_mean, batch_scale = select_function(input, backend).apply(

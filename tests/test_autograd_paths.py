@@ -367,3 +367,21 @@ def test_load_state_dict_assign_keeps_float32_statistics(cls):
     # Activations around 1e3: a float32 running_var keeps updating (an fp16 one would be inf after one step).
     layer(torch.randn(16, 3, 4, 4, dtype=torch.float16) * 1000)
     assert torch.isfinite(layer.running_var).all() and (layer.running_var > 4.0e4).all()
+
+
+@pytest.mark.parametrize("norm,k", [("l1", 1), ("linf", 2)])
+def test_func_jacobian_with_respect_to_the_parameters_only(norm, k):
+    # Only weight or bias is transformed (the input is a plain tensor): still the differentiable path.
+    x = _input((5, 3)).detach()
+    weight = torch.tensor([0.5, 1.5, -1.0], dtype=torch.float64)
+    bias = torch.tensor([0.1, 0.0, -0.3], dtype=torch.float64)
+
+    def ours(w, b):
+        return _fn(norm, k)(x, None, None, w, b, training=True)
+
+    def ref(w, b):
+        return reference_batch_norm(x, None, None, w, b, True, norm=norm, k=k)
+
+    for argnums in (0, 1):
+        torch.testing.assert_close(torch.func.jacrev(ours, argnums=argnums)(weight, bias),
+                                   torch.autograd.functional.jacobian(ref, (weight, bias))[argnums])
