@@ -465,23 +465,12 @@ def lp_batch_norm_act(
             y = y + residual
         return activate(y, activation, negative_slope)
     # The checks of the unfused path, in its order and words.
-    F_nd.validate_backend(backend)
-    F_nd.check_input(input, running_mean, running_var, weight, bias)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
-    if eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    F_nd.verify_batch_size(input)
+    F_nd.check_arguments(input, running_mean, running_var, weight, bias, training, eps, backend)
+    count = F_nd.training_count(input, norm, k)
     # Triton where the unfused layer would use it (and its errors where it cannot run), for the layouts and
     # precision the epilogue kernels take; the PyTorch path otherwise.
     use_triton = (F_nd.select_function(input, backend) is not F_nd.LpBatchNormFunction
                   and _triton_supports(input, low_precision))
-    count = input.numel() // input.shape[1]
-    if norm is Norm.LINF and k > count:
-        raise ValueError(
-            f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
-            f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
-        )
     y, batch_mean, batch_scale = LpBatchNormActFunction.apply(
         input, weight, bias, residual, eps, norm, k, low_precision, activation, negative_slope, keep_input,
         use_triton,

@@ -166,6 +166,33 @@ def update_running_stats(
             )
 
 
+def check_arguments(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                    weight: Tensor | None, bias: Tensor | None, training: bool, eps: float, backend: str) -> None:
+    """Every check of a batch-norm call that does not depend on the norm, in torch's order and words."""
+    validate_backend(backend)
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    check_input(input, running_mean, running_var, weight, bias)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def training_count(input: Tensor, norm: Norm, k: int) -> int:
+    """n, the values per channel of a training batch (0 for an empty one), after the checks that need it."""
+    verify_batch_size(input)
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if norm is Norm.LINF and 0 < count < k:
+        raise ValueError(
+            f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
+            f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
+        )
+    return count
+
+
 def lp_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -186,16 +213,7 @@ def lp_batch_norm(
     Every argument is required (the two public functions hold the defaults); shared with the fused
     BatchNorm + activation layers, which take the same path wherever they cannot save memory.
     """
-    validate_backend(backend)
-    if input.dim() < 2:
-        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    check_input(input, running_mean, running_var, weight, bias)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    check_arguments(input, running_mean, running_var, weight, bias, training, eps, backend)
     if not training:
         if running_mean is None:
             raise ValueError(
@@ -206,16 +224,10 @@ def lp_batch_norm(
         w = None if weight is None else weight.to(stat_dtype)
         b = None if bias is None else bias.to(stat_dtype)
         return torch.nn.functional.batch_norm(input, running_mean, running_var, w, b, False, 0.0, eps)
-    verify_batch_size(input)
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    count = training_count(input, norm, k)
     if count == 0:
         # torch's behaviour: the (empty) output, the running statistics untouched.
         return _empty_output(input, weight, bias)
-    if norm is Norm.LINF and k > count:
-        raise ValueError(
-            f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
-            f"(input size {tuple(input.shape)}); use k <= {count} or a larger batch"
-        )
     if needs_differentiable_path(input, weight, bias):
         y, batch_mean, batch_scale = differentiable_batch_norm(input, weight, bias, eps, norm, k)
     else:
