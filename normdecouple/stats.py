@@ -42,6 +42,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake  # imported by torch itself: no import-time cost
 
 from ._constants import L1_SCALE, topk_constant
 
@@ -499,10 +500,4 @@ def can_read_on_host(t: Tensor) -> bool:
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
-    return not _is_fake(t)
-
-
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
+    return not is_fake(t)
