@@ -149,7 +149,11 @@ def random_shift(x: Tensor, generator: torch.Generator, max_shift: int) -> Tenso
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
-    return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    shifted = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    # Plain NCHW strides, also for one channel: `.contiguous()` would keep the channel's stride of 1, which makes
+    # the batch channels_last as well, and torch 2.13's oneDNN convolution backward corrupts the heap on such a
+    # one-channel input with one thread (reproduced with this file's ResNet alone, no normdecouple layer).
+    return shifted.clone(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------------------------- models
