@@ -9,8 +9,6 @@ the same checks run on the GPU (``pytest -m gpu``), plus larger shapes.
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -292,43 +290,6 @@ def test_torch_compile_fullgraph(device):
         if fn is step:
             expected = (w.grad.clone(), b.grad.clone())
     torch.testing.assert_close((w.grad, b.grad), expected)
-
-
-# Compiles representative kernel variants (low precision, top-k merge, tree levels, 2-D backward) for sm_90.
-_COMPILE_SCRIPT = """
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-from normdecouple._triton import kernels
-
-def build(fn, types, constexprs):
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
-                 for name in fn.arg_names}
-    compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": 4, "enable_fp_fusion": True})
-
-half = {"x_ptr": "*bf16", "y_ptr": "*bf16", "src_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16",
-        "const_ptr": "*fp64", "sign_ptr": "*i32", "count_ptr": "*i32"}
-common = dict(DT=tl.bfloat16, ACC=tl.float32)
-build(kernels.forward_fused_kernel, half, dict(L1=False, LOWP=True, HAS_W=True, HAS_B=True, KPAD=4, INDEX_64=False,
-                                                BLOCK_C=2, BLOCK_N=256, **common))
-build(kernels.channel_reduce_kernel, half, dict(CENTERED=False, TREE=True, FINAL=False, KPAD=8, INDEX_64=False,
-                                                 BLOCK_C=1, BLOCK_N=2048, **common))
-build(kernels.forward_finalize_kernel, half, dict(L1=False, LOWP=True, HAS_W=True, KPAD=4, BLOCK_C=64, BLOCK_Q=256,
-                                                   **common))
-build(kernels.backward_dx_kernel, half, dict(L1=False, LOWP=False, HAS_W=True, INDEX_64=False, BLOCK_C=32,
-                                              BLOCK_N=64, BLOCK_Q=64, **common))
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_a_gpu():
-    # The interpreter accepts code that the compiler rejects, and compiling to an sm_90 cubin needs no GPU; it
-    # needs the kernels as JIT functions, so it runs in a process without the interpreter.
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # GPU only: ResNet-like shapes, large enough for many programs per channel, several reduction levels and the

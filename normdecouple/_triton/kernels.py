@@ -45,7 +45,7 @@ import triton.language as tl
 #: batch size must not compile new kernel variants): counts, splits and loop bounds. The channel count and the
 #: strides stay specialised: they are fixed per layer, and their divisibility is what lets the compiler prove
 #: a mask uniform over a vector (``ch < C``) and vectorise the loads.
-_RUNTIME_INTS = ["n", "A", "per_split", "splits", "blocks", "chunk", "channel_n"]
+_RUNTIME_INTS = ["n", "k", "A", "per_split", "splits", "blocks", "chunk", "channel_n"]
 
 
 def _jit(fn):
@@ -314,17 +314,17 @@ def _spread(v, N: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _merge_keys(state, new, KPAD: tl.constexpr, G: tl.constexpr):
+def _merge_keys(state, new, KPAD: tl.constexpr, G: tl.constexpr, EMPTY: tl.constexpr = EMPTY_KEY):
     """The KPAD largest of ``state`` ([ROWS, KPAD]) and ``new`` ([ROWS, G], G >= KPAD), per row.
 
     One top-k over both at once, the state spread to G columns first (copies past its first KPAD replaced by
-    empty keys): a key tensor of at least one value per thread, where a [1, 2 KPAD] one would be replicated in
-    every thread of the program and sorted by each.
+    ``EMPTY``, below every real value): one sorting network instead of two, and a key tensor of at least one
+    value per thread, where a [1, 2 KPAD] one would be replicated in every thread and sorted by each.
     """
     rows: tl.constexpr = state.shape[0]
     if G > KPAD:
         spread = tl.reshape(tl.broadcast_to(state[:, None, :], [rows, G // KPAD, KPAD]), [rows, G])
-        state = tl.where(tl.arange(0, G)[None, :] < KPAD, spread, EMPTY_KEY)
+        state = tl.where(tl.arange(0, G)[None, :] < KPAD, spread, EMPTY)
     return tl.topk(tl.reshape(tl.join(state, new), [rows, 2 * G]), KPAD, dim=1)
 
 
@@ -590,22 +590,20 @@ def forward_finalize_kernel(
         tl.store(thr_ptr + ch, threshold, mask=cmask)
     else:
         tl.static_assert(BLOCK_C == 1)
-        hi = tl.full([1, KPAD], EMPTY_KEY, tl.int64)
-        lo = tl.full([1, KPAD], EMPTY_KEY, tl.int64)
+        # Row 0: the keys of the largest x (group maxima), row 1: of the smallest (negated minima).
+        best = tl.full([2, KPAD], EMPTY_KEY, tl.int64)
         slots = tl.arange(0, BLOCK_Q * KPAD)
+        side = tl.arange(0, 2)[:, None]
         for start in range(0, splits, BLOCK_Q):
             q = start + slots // KPAD
-            m = cmask[:, None] & (q < splits)[None, :]
-            base = cand_ptr + ((ch[:, None] * splits + q[None, :]) * 2) * KPAD + (slots % KPAD)[None, :]
-            new_hi = tl.load(base, mask=m, other=EMPTY_KEY)
-            new_lo = tl.load(base + KPAD, mask=m, other=EMPTY_KEY)
+            m = (q < splits)[None, :] & (side < 2) & cmask[:, None]
+            base = cand_ptr + ((ch[:, None] * splits + q[None, :]) * 2 + side) * KPAD + (slots % KPAD)[None, :]
+            new = tl.load(base, mask=m, other=EMPTY_KEY)
             # Most splits hold no key above the current k-th: skip their sort.
-            if tl.max(new_hi) > tl.min(hi):
-                hi = _merge_keys(hi, new_hi, KPAD, BLOCK_Q * KPAD)
-            if tl.max(new_lo) > tl.min(lo):
-                lo = _merge_keys(lo, new_lo, KPAD, BLOCK_Q * KPAD)
-        gid_hi = tl.reshape(_key_group(hi), [KPAD])
-        gid_lo = tl.reshape(_key_group(lo), [KPAD])
+            if tl.max((tl.max(new, axis=1) > tl.min(best, axis=1)).to(tl.int32)) > 0:
+                best = _merge_keys(best, new, KPAD, BLOCK_Q * KPAD)
+        gid_hi = _key_group(tl.sum(tl.where(side == 0, best, 0), axis=0))
+        gid_lo = _key_group(tl.sum(tl.where(side == 1, best, 0), axis=0))
         # A group chosen by both sides is reloaded once: its values are candidates once.
         twice = tl.max((gid_lo[:, None] == gid_hi[None, :]).to(tl.int32), axis=1) > 0
         gid_lo = tl.where(twice, NO_GROUP, gid_lo)
@@ -624,7 +622,7 @@ def forward_finalize_kernel(
         gid_of = _spread(gid, 2 * KPAD, CHUNK * GROUP)
         chunk_of = _spread(chunk_no, 2 * KPAD, CHUNK * GROUP)
         column_of = _spread(column, 2 * KPAD, CHUNK * GROUP)
-        best = tl.full([1, KPAD], -1.0, ACC)
+        top = tl.full([1, KPAD], -1.0, ACC)
         for start in range(0, chunk, CHUNK):
             step = start + block_in_chunk
             q = chunk_of * chunk + step  # the chunk's blocks, in order
@@ -635,8 +633,8 @@ def forward_finalize_kernel(
             m = cmask[:, None] & valid[None, :]
             values = tl.load(x_ptr + offsets, mask=m, other=0.0).to(ACC)
             abs_d = tl.where(m, tl.abs(_deviation(values, mean, LOWP, DT)), -1.0)
-            best = _merge_topk(best, tl.topk(abs_d, KPAD, dim=1), KPAD)
-        stat, threshold = _topk_mean_and_threshold(best, k, kpad_over_k, 1, KPAD, LOWP, DT)
+            top = _merge_keys(top, abs_d, KPAD, WIDTH, -1.0)
+        stat, threshold = _topk_mean_and_threshold(top, k, kpad_over_k, 1, KPAD, LOWP, DT)
         tl.store(thr_ptr + ch, threshold, mask=cmask)
     gamma = _gamma(w_ptr, ch, cmask, HAS_W, BLOCK_C, ACC)
     scale, inv_std, mult = _finish_scale(stat, factor, eps, root_eps, gamma, LOWP, DT, ACC)

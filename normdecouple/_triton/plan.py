@@ -77,6 +77,8 @@ class TileConfig:
         reload_values: L∞ with k > 1: values per channel the finalising kernel reloads (the 2k chosen groups);
             it sets the groups' size, and so how many blocks pass between two merges of the group keys.
         num_warps: warps per program.
+        wide_warps: warps of the L∞ statistics pass with k > 1, whose group merges need the registers of
+            twice the threads (at 4 warps the top-k networks of a channels_last tile spill).
     """
 
     stream_elems: int
@@ -88,6 +90,7 @@ class TileConfig:
     finalize_block_q: int
     reload_values: int
     num_warps: int
+    wide_warps: int
 
     @property
     def threads(self) -> int:
@@ -107,13 +110,13 @@ class TileConfig:
 # tiles stay in registers; ~4 programs per SM hide memory latency (528 on an H100/H200's 132 SMs).
 GPU_CONFIG = TileConfig(
     stream_elems=2048, channel_tile=32, fused_max_n=4096, fused_elems=4096, target_programs=528,
-    finalize_block_c=16, finalize_block_q=64, reload_values=2048, num_warps=4,
+    finalize_block_c=16, finalize_block_q=64, reload_values=4096, num_warps=4, wide_warps=8,
 )
 # The interpreter runs every program as numpy calls: tiny tiles keep the tests fast and make small shapes
 # span several blocks, splits, chunks and tree levels, so the looping code runs.
 INTERPRETER_CONFIG = TileConfig(
     stream_elems=16, channel_tile=4, fused_max_n=16, fused_elems=64, target_programs=6,
-    finalize_block_c=4, finalize_block_q=2, reload_values=16, num_warps=1,
+    finalize_block_c=4, finalize_block_q=2, reload_values=16, num_warps=1, wide_warps=1,
 )
 
 
@@ -361,15 +364,15 @@ def _channels_contiguous(st: Strides, space: Space) -> bool:
 MIN_BLOCK_COLUMNS = 16
 
 
-def _columns(a: int, b: int, per_row: int) -> int:
-    """Columns of a 2-D block: the power of two that pads the (a, b) array least (a 56 x 56 map in rows of
-    64 values, 49 per row exactly, rather than 2048 + 1088), the wider one on ties."""
+def _columns(b: int, per_row: int) -> int:
+    """Columns of a 2-D block: the power of two that pads a row of b values least (a 56 x 56 map in rows of 64
+    values, 49 per row exactly, rather than 2048 + 1088), the wider one on ties. It depends on the spatial size
+    only, never on the batch: a new batch size compiles no new variant (issue 18, item 15)."""
     widest = min(next_pow2(b), per_row)
     best, best_cost = widest, None
     width = widest
     while width >= min(MIN_BLOCK_COLUMNS, widest):
-        rows = min(max(per_row // width, 1), next_pow2(a))
-        cost = cdiv(a, rows) * rows * cdiv(b, width) * width
+        cost = cdiv(b, width) * width
         if best_cost is None or cost < best_cost:
             best, best_cost = width, cost
         width //= 2
@@ -401,8 +404,10 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
         nb = 1
         blocks = cdiv(n, block_n)
     else:
-        block_b = _columns(a, b, per_row)
-        block_a = min(max(per_row // block_b, 1), next_pow2(a))
+        # The block's shape follows the layer (spatial size, channels, layout), not the batch: a small batch
+        # leaves rows of the block masked rather than compiling a narrower variant.
+        block_b = _columns(b, per_row)
+        block_a = max(per_row // block_b, 1)
         block_n = block_a * block_b
         if block_n < min_block_n:
             block_a = cdiv(min_block_n, block_b)
@@ -424,18 +429,25 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
     return Tiles(block_c, block_b, block_n, flat, nb, blocks, c_tiles, splits, per_split, chunk, group)
 
 
+#: Values the finalising kernel reloads per step of the L∞ groups (its top-k runs on twice as many).
+RELOAD_STEP = 512
+
+
 def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig) -> tuple[int, int]:
     """(columns per group, blocks per chunk) of the L∞ candidate groups (kernels.py, "L∞ candidates").
 
-    A block row has G >= kpad groups: enough that the [block_c, 2 G] keys of a merge span every thread (a
-    smaller key tensor is replicated in each thread and sorted by each), few enough that they stay within
-    2048 keys (32 registers a thread). A chunk of blocks passes between two merges, as many as keep the 2 kpad
-    reloaded groups within ``config.reload_values`` values; the cost of the merges per value is then about
-    4 kpad log2(kpad)^2 / reload_values, whatever G.
+    A block row has G >= kpad groups, just enough that the [block_c, 2 G] keys of a merge give every thread one
+    (a smaller key tensor is replicated in each thread and sorted by each; a larger one costs registers) and
+    that one block of the 2 kpad chosen groups fits the finalising kernel's reload step. A
+    chunk of blocks passes between two merges, as many as keep the 2 kpad reloaded groups within the reload
+    budget; the merges then cost about 4 kpad log2(kpad)^2 / reload instructions per value, whatever G.
     """
-    g = min(block_n, max(kpad, config.threads), max(kpad, 256 // block_c))
+    g = min(block_n, max(kpad, next_pow2(cdiv(32 * config.wide_warps, 2 * block_c)),
+                         next_pow2(cdiv(2 * kpad * block_n, RELOAD_STEP))))
     group = block_n // g
-    return group, max(1, config.reload_values // (2 * kpad * group))
+    # A large k merges 2 k keys: a longer chunk (and reload) keeps the merges a small part of the pass.
+    reload = max(config.reload_values, 64 * kpad)
+    return group, max(1, reload // (2 * kpad * group))
 
 
 def partial_tiles(space: Space, config: TileConfig) -> Tiles:
@@ -484,10 +496,12 @@ def _tensor_idx64(space: Space, tiles: Tiles, *strides: Strides) -> bool:
     return _needs_idx64(index, tiles.programs, *(_span(space, st, rows, cols, chans) for st in strides))
 
 
-def _launch(module: str, kernel: str, grid: int, args: dict, constexprs: dict, config: TileConfig) -> Launch:
+def _launch(module: str, kernel: str, grid: int, args: dict, constexprs: dict, config: TileConfig,
+            num_warps: int | None = None) -> Launch:
     if not 0 < grid < INT32_LIMIT:
         raise ValueError(f"a grid of {grid} programs cannot be launched (CUDA allows 1 to 2^31 - 1 on axis 0)")
-    return Launch(module, kernel, (grid,), tuple(args.items()), tuple(constexprs.items()), config.num_warps)
+    return Launch(module, kernel, (grid,), tuple(args.items()), tuple(constexprs.items()),
+                  num_warps or config.num_warps)
 
 
 def _strides_args(prefix: str, st: Strides) -> dict:
@@ -508,8 +522,9 @@ class _Builder:
         self.buffers.append(Buffer(name, shape, dtype, fill))
         return Ref(name)
 
-    def launch(self, module: str, kernel: str, grid: int, args: dict, constexprs: dict) -> None:
-        self.steps.append(_launch(module, kernel, grid, args, constexprs, self.config))
+    def launch(self, module: str, kernel: str, grid: int, args: dict, constexprs: dict,
+               num_warps: int | None = None) -> None:
+        self.steps.append(_launch(module, kernel, grid, args, constexprs, self.config, num_warps))
 
 
 def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref, center: Ref | None, out: Ref,
@@ -524,7 +539,8 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         ``(level-1 tiles, level-1 sign partials, level-1 candidates)``.
     """
     c = space.c
-    first = stream_tiles(space, st, bld.config, flat=tree, min_block_n=kpad if kpad > 1 else 1, group_k=kpad)
+    first = stream_tiles(space, st, bld.config, flat=tree, min_block_n=kpad if kpad > 1 else 1, group_k=kpad,
+                         elems=_elems(bld.config, acc))
     level, tiles, level_space, level_st, level_src = 1, first, space, st, src
     signs = cand = None
     while True:
@@ -550,7 +566,8 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         idx64 = _tensor_idx64(level_space, tiles, level_st) or _needs_idx64(*buffers)
         bld.launch("kernels", "channel_reduce_kernel", tiles.programs, args, dict(
             CENTERED=center is not None and level == 1, TREE=tree, FINAL=final, DT=dt, ACC=acc_tl,
-            KPAD=level_kpad, IDX64=idx64, **tiles.constexprs(), GROUP=tiles.group if level_kpad > 1 else 1))
+            KPAD=level_kpad, IDX64=idx64, **tiles.constexprs(), GROUP=tiles.group if level_kpad > 1 else 1),
+            num_warps=bld.config.wide_warps if level_kpad > 1 else None)
         if final:
             return first, signs, cand
         level += 1
@@ -561,6 +578,12 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
             tiles = stream_tiles(level_space, level_st, bld.config, flat=True)
         else:
             tiles = partial_tiles(level_space, bld.config)
+
+
+def _elems(config: TileConfig, acc: torch.dtype, halve: bool = False) -> int:
+    """Values per tile of a streaming pass: half the usual for float64 (twice the registers per value) and
+    where a pass keeps more accumulators per value (``halve``), so that none needs more than 128 registers."""
+    return config.stream_elems // 2 if (halve or acc == torch.float64) else config.stream_elems
 
 
 def _kernel_topk(norm: Norm, k: int, n: int, acc: torch.dtype) -> str:
@@ -644,9 +667,9 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
         fin_const.update(FLAT=first.flat, BLOCK_B=first.block_b, BLOCK_N=first.block_n, GROUP=first.group)
         block_c = 1
         block_q = max(1, config.finalize_block_q * 2 // kpad)
-        # The reload step: the planned chunk of every chosen group, within 1024 values (a larger top-k spills).
+        # The reload step: blocks of the chosen groups, RELOAD_STEP values at a time (a larger top-k spills).
         planned = _groups(first.block_c, first.block_n, kpad, config)[1]
-        fin_const["CHUNK"] = min(next_pow2(planned), max(1, 1024 // (2 * kpad * first.group)))
+        fin_const["CHUNK"] = min(next_pow2(planned), max(1, RELOAD_STEP // (2 * kpad * first.group)))
     if how == "host":
         bld.steps.append(HostTopk(k, factor, eps, root_eps, lowp))
     else:
@@ -655,7 +678,7 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
                              first.splits * first.per_split * first.block_n)
         bld.launch("kernels", "forward_finalize_kernel", cdiv(c, block_c), fin, dict(
             **fin_const, IDX64=idx64, BLOCK_C=block_c, BLOCK_Q=block_q))
-    norm_tiles = stream_tiles(space, sx, config, flat=False)
+    norm_tiles = stream_tiles(space, sx, config, flat=False, elems=_elems(config, acc))
     bld.launch("kernels", "normalize_kernel", norm_tiles.programs, dict(
         x_ptr=Ref("x"), y_ptr=Ref("y"), mean_ptr=mean, mult_ptr=mult, b_ptr=b, C=c, A=space.a, B=space.b,
         NB=norm_tiles.nb, **_strides_args("x", sx), **_strides_args("y", sy), c_tiles=norm_tiles.c_tiles,
@@ -700,10 +723,9 @@ def plan_backward(x: Spec, dy: Spec, weight_dtype: torch.dtype | None, norm: Nor
         ), dict(**common, HAS_W=weight_dtype is not None, IDX64=_tensor_idx64(space, fused, sx, sdy, sdx),
                 **fused.constexprs()))
         return Plan(space, strides, copies, "dx", tuple(bld.buffers), tuple(bld.steps))
-    # L∞ keeps four accumulators per value (two sums, two packed counts): on a tile of several channels each
-    # thread also holds several channels' coefficients, so half a tile keeps it within 128 registers.
-    wide = _channels_contiguous(sx, space) and not l1
-    tiles = stream_tiles(space, sx, config, flat=False, elems=config.stream_elems // 2 if wide else None)
+    # L∞ keeps four accumulators per value (two sums, two packed counts): half a tile keeps it within 128
+    # registers (the reduction and the elementwise pass share their tiles and splits).
+    tiles = stream_tiles(space, sx, config, flat=False, elems=_elems(config, acc, halve=not l1))
     partials = bld.buffer("partials", (2, c, tiles.splits), acc)
     counts = bld.buffer("counts", (4, c, tiles.splits), torch.int32) if not l1 else partials
     idx64 = _tensor_idx64(space, tiles, sx, sdy, sdx) or _needs_idx64(4 * c * tiles.splits)
