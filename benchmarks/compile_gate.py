@@ -1,6 +1,6 @@
 """The GPU compile gate's table: every kernel variant the launchers choose, built for sm_90/sm_80 without a GPU.
 
-For each streaming kernel of the representative layer (256, 64, 56, 56) it prints registers, stack (spills),
+For each streaming kernel of the representative layer (256, 64, 56, 56) it prints registers, spilled bytes (ptxas),
 SASS instructions per value of its element loop (from ``nvdisasm``; the L∞ group merges amortised over their
 chunk), bytes moved per value, and the H200's instruction budget for a memory-bound pass at that traffic;
 then a summary of the whole table (compile failures, spills, registers, compile times, PTX parameter types,
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     print(f"Streaming kernels of (256, 64, 56, 56), sm_{main_arch}: SASS instructions per value and thread "
           "(element loop + amortised L∞ merges), bytes per value, and the H200 budget 7 x bytes.")
     print()
-    print("| layout | dtype | norm | kernel (pass) | regs | stack | SASS/value | + merges | bytes/value | budget | "
+    print("| layout | dtype | norm | kernel (pass) | regs | spill B | SASS/value | + merges | bytes/value | budget | "
           "of budget |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
@@ -78,14 +78,14 @@ def main(argv=None) -> int:
         budget = H200_INSTRUCTIONS_PER_BYTE * v["bytes_per_value"]
         layout = "NHWC" if "NHWC" in v["case"] else "NCHW"
         norm = v["case"].split(" ", 3)[3]
-        rows.append((layout, c["DT"], norm, v["role"], r["registers"], r["stack"], loop, merge,
+        rows.append((layout, c["DT"], norm, v["role"], r["registers"], r["spill_bytes"], loop, merge,
                      v["bytes_per_value"], budget))
     order = {"mean pass": 0, "L1 |d| pass": 1, "L∞ stats pass": 2, "normalize": 3, "backward_reduce": 4,
              "backward_dx": 5}
     for row in sorted(rows, key=lambda t: (t[0], t[1], order.get(t[3], 9), t[2])):
-        layout, dt, norm, role, regs, stack, loop, merge, nbytes, budget = row
+        layout, dt, norm, role, regs, spill, loop, merge, nbytes, budget = row
         share = (loop + merge) / budget if budget else float("nan")
-        print(f"| {layout} | {dt} | {norm} | {role} | {regs} | {stack} | {loop:.1f} | {merge:.1f} | {nbytes} | "
+        print(f"| {layout} | {dt} | {norm} | {role} | {regs} | {spill} | {loop:.1f} | {merge:.1f} | {nbytes} | "
               f"{budget:.0f} | {share:.2f} |")
     print()
     by_arch = {}

@@ -1,18 +1,22 @@
 """The GPU compile gate (issue 18, deliverable 2): what the launchers would run on a GPU, checked without one.
 
 ``normdecouple._triton.gate`` turns the launch plans (the code the launchers execute) for a table of realistic
-shapes into the kernel variants Triton's JIT would compile, compiles each for sm_90 (and sm_80 in the full
-table) with the ``ptxas`` inside Triton's wheel, and reads the binaries with its ``cuobjdump``/``nvdisasm``. It
-runs in a subprocess (the kernels must be JIT functions, not the interpreter's) with a fresh Triton cache, so
-compile times are real; one session's results are shared by both tables.
+shapes into the kernel variants Triton's JIT would compile, compiles each with the ``ptxas`` inside Triton's
+wheel, and reads the binaries with its ``cuobjdump``/``nvdisasm``. It runs in a subprocess (the kernels must be
+JIT functions, not the interpreter's) with a fresh Triton cache per build, so compile times are real; one
+session's results are shared by the tables.
 
-The default run checks the fast table (one ResNet layer, fp16 and fp32, L1 and L∞ k = 8, both layouts, low
-precision); the ``slow`` tests (run by CI) the full table: every ResNet-50 batch-norm shape at batch 256 in both
-layouts, every dtype x norm (k = 1, 8, 64) x low_precision, (4096, 2048), (2, 32, 128, 128, 128) and the fused
-activation epilogues. What each test asserts is what a GPU build needs: it compiles; no register spills
-(``STACK:0``) for fp16/bf16/fp32; at most 128 registers in the streaming kernels; at most 10 CPU seconds per
-variant; float64 scalars passed as ``.f64``; the L∞ statistics pass within 2x (k = 8) and 4x (k = 64) of the L1
-pass in SASS instructions per value; and a bounded number of variants over batch sizes 1..256 of one layer.
+The default run checks the fast table for sm_90 (the (256, 64, 56, 56) layer in fp16, L1 and L∞ k = 8, both
+layouts, low precision on and off, the ReLU/leaky ReLU epilogues); the ``slow`` test (run by CI) adds the full
+table for sm_90 (every ResNet-50 batch-norm shape at batch 256 in both layouts, every dtype x norm (k = 1, 8,
+64) x low_precision, (4096, 2048), (2, 32, 128, 128, 128) and every fused activation epilogue) and the fast
+table for sm_80. ``python benchmarks/compile_gate.py`` builds the full table for both targets.
+
+What each test asserts is what a GPU build needs: it compiles; no register spills (ptxas's own report) for
+fp16/bf16/fp32; at most 128 registers in the streaming kernels; at most 10 CPU seconds per variant; every
+parameter with the PTX type of its Triton type (float64 scalars as ``.f64``) and specialised as Triton's JIT
+binder does; the L∞ statistics pass within 2x (k = 8) and 4x (k = 64) of the L1 pass in SASS instructions per
+value; and a bounded number of variants over batch sizes 1..256 of one layer.
 """
 
 import json
@@ -61,7 +65,13 @@ def fast(gate_cache):
 
 @pytest.fixture(scope="module")
 def full(gate_cache):
-    return _run_gate("full", "90,80", gate_cache)
+    # The full table for sm_90 and the fast one for sm_80 (the full table for both targets takes about 12
+    # minutes on 2 cores: benchmarks/compile_gate.py, recorded in benchmarks/RESULTS.md).
+    results = _run_gate("full", "90", gate_cache)
+    ampere = _run_gate("fast", "80", gate_cache)
+    for key, v in ampere["variants"].items():
+        results["variants"][key]["archs"].update(v["archs"])
+    return results
 
 
 def _rows(results):
@@ -76,8 +86,8 @@ def _check_compiles(results):
 
 
 def _check_no_spills(results):
-    spills = [(v["case"], v["kernel"], arch, r["stack"]) for _, v, arch, r in _rows(results)
-              if "error" not in r and r["stack"] and v["constexprs"].get("DT") != "fp64"]
+    spills = [(v["case"], v["role"], arch, r["spill_bytes"]) for _, v, arch, r in _rows(results)
+              if "error" not in r and r["spill_bytes"] and v["constexprs"].get("DT") != "fp64"]
     assert not spills, spills
 
 
@@ -107,38 +117,37 @@ def _check_parameter_types(results):
 def per_value(v, r):
     """SASS instructions per value of the element loop, the L∞ group merges amortised over their chunk."""
     total = r["loop_instructions"]
-    if r["outer_instructions"] and v["chunk"] > 1:
-        total += r["outer_instructions"] / v["chunk"]
-    elif r["outer_instructions"] and v["role"] == "L∞ stats pass":
-        total += r["outer_instructions"]  # a merge after every block
+    if r["outer_instructions"] and v["role"] == "L∞ stats pass":
+        total += r["outer_instructions"] / max(v["chunk"], 1)
     return total / v["values_per_thread"]
 
 
 def _statistics_passes(results, arch="90"):
-    """(case prefix, role, KPAD) -> SASS per value of the statistics passes over the input."""
+    """{(dtype, low precision, block columns, several channels per tile): {(role, KPAD): [SASS per value]}}."""
     out = {}
     for v in results["variants"].values():
         r = v["archs"].get(arch)
         if r is None or "error" in r or v["role"] not in ("L1 |d| pass", "L∞ stats pass"):
             continue
         c = v["constexprs"]
-        layer = (c["DT"], c["BLOCK_C"], c["BLOCK_N"], c["TREE"])
-        out.setdefault(layer, {})[(v["role"], int(c["KPAD"]))] = per_value(v, r)
+        layer = (c["DT"], c["TREE"], c["BLOCK_B"], int(c["BLOCK_C"]) > 1)
+        out.setdefault(layer, {}).setdefault((v["role"], int(c["KPAD"])), []).append(per_value(v, r))
     return out
 
 
 def _check_linf_budget(results, ratios):
-    passes = _statistics_passes(results)
+    # Item 9: the L∞ statistics pass (sum, and candidates for the top k) against the L1 pass over |x - mu| on the
+    # same tiles: at most 2x the SASS instructions per value for k = 8, 4x for k = 64.
     compared = 0
-    for layer, found in passes.items():
+    for layer, found in _statistics_passes(results).items():
         l1 = found.get(("L1 |d| pass", 0))
-        if l1 is None:
+        if not l1:
             continue
+        reference = sum(l1) / len(l1)
         for kpad, bound in ratios.items():
-            linf = found.get(("L∞ stats pass", kpad))
-            if linf is not None:
+            for linf in found.get(("L∞ stats pass", kpad), []):
                 compared += 1
-                assert linf <= bound * l1, (layer, kpad, linf, l1)
+                assert linf <= bound * reference, (layer, kpad, linf, reference)
     assert compared, "no L1/L∞ pair of statistics passes in the table"
 
 
@@ -181,7 +190,7 @@ def test_fast_table_bounded_variants_over_batch_sizes(fast):
 
 @pytest.mark.slow
 def test_full_table(full):
-    # Every check of the fast table, over the full table, for sm_90 and sm_80.
+    # Every check of the fast table, over the full table (sm_90) and the fast one for sm_80.
     _check_compiles(full)
     assert {"80", "90"} <= {arch for _, _, arch, _ in _rows(full)}
     _check_no_spills(full)

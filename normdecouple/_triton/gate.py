@@ -460,7 +460,8 @@ def compile_variant(variant: Variant, arch: int) -> dict:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                                text=True, check=True).stdout
-        sass = _annotated_sass(tools, cubin)
+        # Only kernels with an element loop have SASS worth reading (the disassembly costs time).
+        sass = _annotated_sass(tools, cubin) if _marker_lines(fn) else []
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     loops = _loop_report(sass, fn)
     ptx_params = _ptx_params(compiled.asm["ptx"])
@@ -480,7 +481,6 @@ def compile_variant(variant: Variant, arch: int) -> dict:
         "local": int(resources.get("LOCAL", 0)),
         **loops,
         "ptx_mismatches": mismatched,
-        "total_instructions": len(sass),
     }
 
 

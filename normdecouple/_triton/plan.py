@@ -77,8 +77,8 @@ class TileConfig:
         reload_values: L∞ with k > 1: values per channel the finalising kernel reloads (the 2k chosen groups);
             it sets the groups' size, and so how many blocks pass between two merges of the group keys.
         num_warps: warps per program.
-        wide_warps: warps of the L∞ statistics pass with k > 1, whose group merges need the registers of
-            twice the threads (at 4 warps the top-k networks of a channels_last tile spill).
+        wide_warps: warps of the L∞ statistics pass with k > 1 on tiles of several channels, whose group
+            merges need the registers of twice the threads (at 4 warps a channels_last tile's top-k spills).
     """
 
     stream_elems: int
@@ -429,8 +429,17 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
     return Tiles(block_c, block_b, block_n, flat, nb, blocks, c_tiles, splits, per_split, chunk, group)
 
 
+#: Values per tile of the low-precision tree's later levels (over the block means of the level before).
+TREE_LEVEL_ELEMS = 128
+def _group_warps(block_c: int, config: TileConfig) -> int:
+    """Warps of the L∞ statistics pass with groups: ``wide_warps`` for a tile of several channels (the key merges
+    of a [block_c, 2 G] tensor need the registers of twice the threads), the usual otherwise (at 8 warps,
+    sm_80's ptxas aims at 64 registers a thread and spills the merge of a one-channel tile)."""
+    return config.wide_warps if block_c > 1 else config.num_warps
+
+
 #: Values the finalising kernel reloads per step of the L∞ groups (its top-k runs on twice as many).
-RELOAD_STEP = 512
+RELOAD_STEP = 1024
 
 
 def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig) -> tuple[int, int]:
@@ -442,8 +451,8 @@ def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig) -> tuple[
     chunk of blocks passes between two merges, as many as keep the 2 kpad reloaded groups within the reload
     budget; the merges then cost about 4 kpad log2(kpad)^2 / reload instructions per value, whatever G.
     """
-    g = min(block_n, max(kpad, next_pow2(cdiv(32 * config.wide_warps, 2 * block_c)),
-                         next_pow2(cdiv(2 * kpad * block_n, RELOAD_STEP))))
+    threads = 32 * _group_warps(block_c, config)
+    g = min(block_n, max(kpad, next_pow2(cdiv(threads, 2 * block_c)), next_pow2(cdiv(2 * kpad * block_n, RELOAD_STEP))))
     group = block_n // g
     # A large k merges 2 k keys: a longer chunk (and reload) keeps the merges a small part of the pass.
     reload = max(config.reload_values, 64 * kpad)
@@ -567,7 +576,7 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         bld.launch("kernels", "channel_reduce_kernel", tiles.programs, args, dict(
             CENTERED=center is not None and level == 1, TREE=tree, FINAL=final, DT=dt, ACC=acc_tl,
             KPAD=level_kpad, IDX64=idx64, **tiles.constexprs(), GROUP=tiles.group if level_kpad > 1 else 1),
-            num_warps=bld.config.wide_warps if level_kpad > 1 else None)
+            num_warps=_group_warps(tiles.block_c, bld.config) if level_kpad > 1 else None)
         if final:
             return first, signs, cand
         level += 1
@@ -575,7 +584,10 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         level_st = Strides(1, 0, width)
         level_src = target
         if tree:
-            tiles = stream_tiles(level_space, level_st, bld.config, flat=True)
+            # Narrow blocks: the pairwise mean of a wide one costs registers (Triton 3.7 spills at 4 x 512
+            # and needs 155 registers at 1 x 256).
+            tiles = stream_tiles(level_space, level_st, bld.config, flat=True,
+                                 elems=min(TREE_LEVEL_ELEMS, bld.config.stream_elems))
         else:
             tiles = partial_tiles(level_space, bld.config)
 
@@ -646,12 +658,12 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
     mult = bld.buffer("mult", (c,), acc)
     # The input's blocks matter to the finalising kernel only when it reloads groups (L∞, k > 1); elsewhere
     # fixed placeholders, so that they do not make variants of their own.
-    fin = dict(mean_ptr=mean, stat_ptr=mean, sign_part_ptr=mean, cand_ptr=mean, x_ptr=Ref("x"), w_ptr=w,
+    fin = dict(mean_ptr=mean, stat_ptr=mean, sign_part_ptr=mean, cand_ptr=mean, x_ptr=Ref("x"), top_ptr=mean, w_ptr=w,
                scale_ptr=scale, inv_std_ptr=inv_std, mult_ptr=mult, thr_ptr=mean if l1 else threshold,
                sign_ptr=sign_sum if l1 else mean, C=c, n=n, k=k, splits=first.splits, A=1, B=1, NB=1,
                x_sa=0, x_sb=0, x_sc=0, per_split=1, blocks=1, chunk=1, **scalars, kpad_over_k=kpad_over_k)
     fin_const = dict(L1=l1, LOWP=lowp, HAS_W=weight_dtype is not None, DT=dt, ACC=acc_tl, KPAD=kpad,
-                     FLAT=False, BLOCK_B=1, BLOCK_N=1, GROUP=1, CHUNK=1)
+                     FLAT=False, BLOCK_B=1, BLOCK_N=1, GROUP=1, CHUNK=1, PHASE=0)
     block_c = config.finalize_block_c
     block_q = config.finalize_block_q
     if l1:
@@ -663,7 +675,8 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
         fin.update(cand_ptr=cand)
     elif how == "groups":
         fin.update(cand_ptr=cand, A=space.a, B=space.b, NB=first.nb, **_strides_args("x", sx),
-                   per_split=first.per_split, blocks=first.blocks, chunk=first.chunk)
+                   per_split=first.per_split, blocks=first.blocks, chunk=first.chunk,
+                   top_ptr=bld.buffer("top", (c, kpad), acc))
         fin_const.update(FLAT=first.flat, BLOCK_B=first.block_b, BLOCK_N=first.block_n, GROUP=first.group)
         block_c = 1
         block_q = max(1, config.finalize_block_q * 2 // kpad)
@@ -676,8 +689,17 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
         chans, rows, cols = first.padded(space)
         idx64 = _needs_idx64(_span(space, sx, rows, cols, chans), c * first.splits * 2 * kpad, first.programs,
                              first.splits * first.per_split * first.block_n)
+        # The group reload (up to RELOAD_STEP values and a top-k over twice as many) gets twice the threads;
+        # then the statistics from the reloaded top-k, on tiles of channels.
         bld.launch("kernels", "forward_finalize_kernel", cdiv(c, block_c), fin, dict(
-            **fin_const, IDX64=idx64, BLOCK_C=block_c, BLOCK_Q=block_q))
+            fin_const, IDX64=idx64, BLOCK_C=block_c, BLOCK_Q=block_q, PHASE=1 if how == "groups" else 0),
+            num_warps=config.wide_warps if how == "groups" else None)
+        if how == "groups":
+            stats = dict(fin, x_ptr=mean, cand_ptr=mean, A=1, B=1, NB=1, x_sa=0, x_sb=0, x_sc=0, per_split=1,
+                         blocks=1, chunk=1)
+            bld.launch("kernels", "forward_finalize_kernel", cdiv(c, config.finalize_block_c), stats, dict(
+                fin_const, FLAT=False, BLOCK_B=1, BLOCK_N=1, GROUP=1, CHUNK=1, PHASE=2, IDX64=_needs_idx64(c * kpad),
+                BLOCK_C=config.finalize_block_c, BLOCK_Q=1))
     norm_tiles = stream_tiles(space, sx, config, flat=False, elems=_elems(config, acc))
     bld.launch("kernels", "normalize_kernel", norm_tiles.programs, dict(
         x_ptr=Ref("x"), y_ptr=Ref("y"), mean_ptr=mean, mult_ptr=mult, b_ptr=b, C=c, A=space.a, B=space.b,
