@@ -117,9 +117,10 @@ def test_ddp_two_processes_synchronise_a_converted_timm_layer():
     # subclasses (issue 19, item 13): two processes equal one process on the global batch.
     ddp = TimmDDPModule(LOCAL_BATCH)
     trainer(strategy="ddp_spawn", devices=2, plugins=[SyncLpBatchNorm()], logger=False,
-            callbacks=[BatchNormSwap("linf", k=2)]).fit(ddp)
+            callbacks=[BatchNormSwap("linf", k=2), WeightNormProjection(radius=2.0)]).fit(ddp)
     single = TimmDDPModule(2 * LOCAL_BATCH)
-    trainer(devices=1, logger=False, callbacks=[BatchNormSwap("linf", k=2)]).fit(single)
+    trainer(devices=1, logger=False, callbacks=[BatchNormSwap("linf", k=2), WeightNormProjection(radius=2.0)]
+            ).fit(single)
 
     assert type(ddp.net[2]) is BatchNormAct2d  # this process's module: the user's class, the trained state
     assert single.net[2].num_batches_tracked.item() == ddp.net[2].num_batches_tracked.item() == STEPS
@@ -127,3 +128,5 @@ def test_ddp_two_processes_synchronise_a_converted_timm_layer():
     torch.testing.assert_close(ddp.net[2].running_var, single.net[2].running_var)
     for name, p in single.named_parameters():
         torch.testing.assert_close(ddp.get_parameter(name), p)
+    # params="auto" found net.0.weight through the synchronised subclass layer, on each rank.
+    torch.testing.assert_close(torch.linalg.vector_norm(ddp.net[0].weight, dim=1), torch.full((5,), 2.0).double())
