@@ -30,6 +30,9 @@ class BatchNormSwap(Callback):
     before the swap resumes into the swapped module (``trainer.fit(model, ckpt_path=...)``), and one saved after
     it loads into the unmodified module (``Module.load_from_checkpoint``), with identical eval outputs. The swap is
     applied for every stage (fit, validate, test, predict) and layers that are already ours are left alone.
+    Several processes: ``plugins=[SyncLpBatchNorm()]`` synchronises the swapped layers (timm's ``BatchNormAct2d``
+    included); timm's ``timm.layers.convert_sync_batchnorm`` (its ``train.py --sync-bn``), like
+    ``sync_batchnorm=True``, would turn them back into L2 batch norm (README, "Several processes").
 
     Precision: the layers follow Lightning's precision setting; ``low_precision`` only decides the dtype of the
     statistics' arithmetic (see the README's table). Under "16-true"/"bf16-true" the running statistics stay

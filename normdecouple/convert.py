@@ -232,7 +232,12 @@ class _RedirectBatchNorm(TorchFunctionMode):
 def _redirected_batch_norm(layer: LpBatchNorm, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """``torch.nn.functional.batch_norm``'s signature, computed with ``layer``'s norm and settings."""
+    """``torch.nn.functional.batch_norm``'s signature, computed with ``layer``'s norm and settings.
+
+    A synchronised layer (made by :func:`convert_sync_batchnorm`) computes it over its process group in training.
+    """
+    if isinstance(layer, _SYNC_CLASSES):
+        return layer._functional_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     fn = F_nd.linf_batch_norm if _norm_name(layer.norm) == "linf" else F_nd.l1_batch_norm
     return fn(input, running_mean, running_var, weight, bias, training, momentum, eps,
               **layer._functional_kwargs())
@@ -244,6 +249,10 @@ def _norm_name(norm: Any) -> str:
 
 
 def _redirected_forward(self: LpBatchNorm, *args: Any, **kwargs: Any) -> Any:
+    if self.training and isinstance(self, _SYNC_CLASSES):
+        # Training without a process group is an error; raised here, before the user's forward has counted the
+        # batch in num_batches_tracked, as the synchronised layers' own forward does.
+        self._sync_group()
     with _RedirectBatchNorm(self):
         return self._user_class.forward(self, *args, **kwargs)
 
@@ -282,13 +291,15 @@ def _lp_subclass(user_class: type[_BatchNorm], ours: type[LpBatchNorm]) -> type[
     A ``forward`` the subclass defines runs under :class:`_RedirectBatchNorm`, so a direct
     ``F.batch_norm`` call (timm's ``BatchNormAct2d`` copies torch's forward) uses our norm as well. One class
     per pair, cached, so ``type(a) is type(b)`` for two converted layers of one class. ``revert_batchnorm``
-    restores ``user_class``.
+    restores ``user_class``. With ``ours`` a synchronised layer (:func:`convert_sync_batchnorm`), that call is
+    synchronised over the process group, and ``revert_sync_batchnorm`` restores ``(user_class, unsynchronised)``.
     """
     key = (user_class, ours)
     if key not in _SUBCLASSES:
         namespace = {
             "__module__": user_class.__module__,
-            "__doc__": f"{user_class.__name__} with {ours.__name__}'s normalisation (made by convert_batchnorm).",
+            "__doc__": f"{user_class.__name__} with {ours.__name__}'s normalisation (made by normdecouple's "
+                       f"converters).",
             "_user_class": user_class,
             "_ours_class": ours,
             "__reduce_ex__": _reduce_ex,
@@ -357,6 +368,12 @@ def convert_batchnorm(
     computes the L1/L∞ norm; ``revert_batchnorm`` gives the user's class back. A subclass of
     ``SyncBatchNorm`` that defines ``forward`` is refused (its ``super().forward()`` is torch's synchronised
     L2 path).
+
+    Several processes: synchronise the converted model with ``normdecouple.convert_sync_batchnorm(model)``, never
+    with torch's ``SyncBatchNorm.convert_sync_batchnorm`` or timm's ``timm.layers.convert_sync_batchnorm`` (what
+    ``--sync-bn`` in timm's ``train.py`` calls): both turn every layer of ours, a converted ``BatchNormAct2d``
+    included, back into an L2 ``SyncBatchNorm``/``SyncBatchNormAct`` without a word, and this library cannot
+    intercept them (the README's "Several processes" shows the edit of timm's ``train.py``).
 
     Args:
         module: the model, or a single BatchNorm layer.
@@ -458,7 +475,9 @@ def convert_batchnorm(
                 f"convert_batchnorm: {_where(path)} is a {cls.__qualname__}, a subclass of torch's SyncBatchNorm "
                 f"with its own forward, whose super().forward() is torch's synchronised L2 path; expected a "
                 f"subclass of BatchNorm1d/2d/3d. Pass subclasses='warn' to leave it as it is, or build it on "
-                f"BatchNorm2d (and synchronise with normdecouple.convert_sync_batchnorm)"
+                f"BatchNorm2d (and synchronise with normdecouple.convert_sync_batchnorm). timm's SyncBatchNormAct "
+                f"comes from timm.layers.convert_sync_batchnorm (train.py --sync-bn): convert the model before it "
+                f"and call normdecouple.convert_sync_batchnorm(model) in its place"
             )
         shadowed = _shadowed_names(source, cls, ours)
         if shadowed:
@@ -616,6 +635,16 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     :func:`normdecouple.convert_batchnorm` first, or apply torch's converter to the submodules that hold only
     torch layers).
 
+    A BatchNorm subclass converted by :func:`convert_batchnorm` (timm's ``BatchNormAct2d`` in EfficientNet,
+    MobileNetV3, RegNet, DenseNet, ...) becomes a class derived from the user's class and the synchronised layer:
+    its own ``forward`` runs (``drop``, ``act`` and its input-rank check kept) and the batch norm inside it, a
+    ``torch.nn.functional.batch_norm`` call or ``super().forward()``, is synchronised.
+    :func:`revert_sync_batchnorm` gives back the converted layer and :func:`revert_batchnorm` the user's class,
+    with the same state. This function is the one to call in place of timm's ``timm.layers.convert_sync_batchnorm``
+    (``--sync-bn`` in timm's ``train.py``), which, like torch's converter, would silently turn every layer of ours
+    into L2 ``SyncBatchNorm``/``SyncBatchNormAct``: in ``train.py`` replace its ``convert_sync_batchnorm(model)``
+    call by ``normdecouple.convert_sync_batchnorm(model)`` (see the README, "Several processes").
+
     Args:
         module: the model, or a single normdecouple layer.
         process_group: the group to synchronise over; ``None`` for the default group. Default: ``None``.
@@ -625,7 +654,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
 
     Raises:
         ValueError: for a normdecouple layer with no synchronised counterpart (a fused BatchNorm + activation
-            layer, a converted BatchNorm subclass, a subclass of our layers), named. The model is then unchanged.
+            layer, a subclass of our layers), or a converted BatchNorm subclass that defines a name the
+            synchronised layer uses, named. The model is then unchanged.
 
     Example::
 
@@ -643,25 +673,58 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
         if not isinstance(source, LpBatchNorm):
             return None
         cls = _plain_class(source)
-        if cls not in _TO_SYNC:
+        user_class = _user_class_of(source)
+        # A converted BatchNorm subclass is synchronised through the layer of ours it was built on.
+        ours = cls if user_class is None else vars(cls)["_ours_class"]
+        if ours not in _TO_SYNC:
             raise ValueError(
                 f"convert_sync_batchnorm: {_where(path)} is a {cls.__qualname__}, a normdecouple layer with no "
-                f"synchronised counterpart; expected one of {sorted(c.__name__ for c in _TO_SYNC)}. Leave it "
-                f"unsynchronised by converting only the submodules that do not hold it"
+                f"synchronised counterpart; expected one of {sorted(c.__name__ for c in _TO_SYNC)} or a "
+                f"BatchNorm subclass converted by convert_batchnorm. Leave it unsynchronised by converting only "
+                f"the submodules that do not hold it"
             )
-        unsync_class = source._unsync_class if isinstance(source, _SYNC_CLASSES) else cls
-        target = blank_like(_TO_SYNC[cls], source, process_group=process_group, **_our_kwargs(source))
+        sync_class = _TO_SYNC[ours]
+        unsync_class = source._unsync_class if isinstance(source, _SYNC_CLASSES) else ours
+        target = blank_like(sync_class, source, process_group=process_group, **_our_kwargs(source))
+        if user_class is not None:
+            shadowed = _sync_shadowed_names(user_class, sync_class)
+            if shadowed:
+                raise ValueError(
+                    f"convert_sync_batchnorm: {_where(path)} is a {cls.__qualname__} whose class "
+                    f"{user_class.__qualname__} defines {shadowed}, which normdecouple.{sync_class.__name__} uses "
+                    f"to synchronise; expected a subclass without these names. Rename them in "
+                    f"{user_class.__name__}, or leave this layer unsynchronised by converting only the "
+                    f"submodules that do not hold it"
+                )
+            target.__class__ = _lp_subclass(user_class, sync_class)
+        # The class of ours, never a generated one: it is pickled with the layer (see _reduce_ex).
         target._unsync_class = unsync_class
         return transplant_state(source, target)
 
     return _replace_all(module, decide)
 
 
+def _sync_shadowed_names(user_class: type, sync_class: type[LpBatchNorm]) -> list[str]:
+    """Names the synchronised layer adds to the unsynchronised one that the user's subclass also defines (the
+    names of the unsynchronised layer were checked by :func:`convert_batchnorm`)."""
+    unsync_names = {name for cls in sync_class._unsync_default.__mro__ for name in vars(cls)}
+    sync_names = {"process_group", "_unsync_class"} | {
+        name for cls in sync_class.__mro__ for name in vars(cls)
+        if not name.startswith("__") and name not in unsync_names
+    }
+    user_names = {
+        name for cls in user_class.__mro__ if cls not in _TORCH_BASES and cls not in _BatchNorm.__mro__
+        for name in vars(cls)
+    }
+    return sorted(sync_names & user_names)
+
+
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every :class:`SyncL1BatchNorm`/:class:`SyncLinfBatchNorm` in ``module`` by an unsynchronised layer.
 
     The inverse of :func:`convert_sync_batchnorm`: each layer becomes the class it was converted from (e.g.
-    ``L1BatchNorm2d``), recorded at conversion; a layer constructed directly as a synchronised one becomes the
+    ``L1BatchNorm2d``, or a converted BatchNorm subclass such as timm's ``BatchNormAct2d`` with our norm),
+    recorded at conversion; a layer constructed directly as a synchronised one becomes the
     any-rank ``L1BatchNormNd``/``LinfBatchNormNd``, since its input rank is unknown. Parameters, buffers,
     ``training``, hyperparameters, hooks, parametrizations and sharing are kept as in
     :func:`convert_sync_batchnorm`. Use it to evaluate or export a model trained with synchronisation in a
@@ -693,12 +756,17 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         if not isinstance(source, _SYNC_CLASSES):
             return None
         cls = _plain_class(source)
-        if cls not in _SYNC_CLASSES:
+        user_class = _user_class_of(source)
+        if user_class is None and cls not in _SYNC_CLASSES:
             raise ValueError(
                 f"revert_sync_batchnorm: {_where(path)} is a {cls.__qualname__}, a subclass of "
-                f"{cls.__mro__[1].__name__} that this function has no rule for; expected SyncL1BatchNorm or "
-                f"SyncLinfBatchNorm. Revert the submodules that do not hold it"
+                f"{cls.__mro__[1].__name__} that this function has no rule for; expected SyncL1BatchNorm, "
+                f"SyncLinfBatchNorm or a BatchNorm subclass synchronised by convert_sync_batchnorm. Revert the "
+                f"submodules that do not hold it"
             )
-        return transplant_state(source, blank_like(source._unsync_class, source, **_our_kwargs(source)))
+        target = blank_like(source._unsync_class, source, **_our_kwargs(source))
+        if user_class is not None:
+            target.__class__ = _lp_subclass(user_class, source._unsync_class)
+        return transplant_state(source, target)
 
     return _replace_all(module, decide)
