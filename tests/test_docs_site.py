@@ -380,6 +380,8 @@ def test_rest_roles_become_markdown():
             ":math:`s^2`.")
     assert extension.convert_roles(text, public, "normdecouple.convert") == (
         "See [`L1BatchNorm2d`][normdecouple.L1BatchNorm2d], `torch.nn.functional.batch_norm` and `s^2`.")
+    assert extension.convert_roles(r":math:`\eta/\lVert w\rVert^2` and :math:`\sqrt{s^2}`", {}, "x") == (
+        r"`η/‖w‖^2` and `\sqrt{s^2}`")  # Unicode where every command has a symbol, else the LaTeX source
     block = "Text.\n\n.. math::\n    y = x\n\nArgs:\n    device, dtype: factory arguments.\n\nExample::\n\n    >>> 1\n    1"
     assert extension.convert_blocks(block) == (
         "Text.\n\n```latex\ny = x\n```\n\nArgs:\n    device: factory arguments.\n    dtype: factory arguments.\n\n"

@@ -7,8 +7,9 @@ rewrites each docstring at build time, without touching the source:
 - roles become code spans, and a link (``[`name`][path]``, resolved by mkdocs-autorefs) when the target is a
   public object of the API reference; every other target (torch, private helpers) stays plain code, so a strict
   build never fails on a reference the site cannot show;
-- ``:math:`x``` becomes ``x`` in a code span and ``.. math::`` a fenced ``latex`` block: the site loads no
-  external JavaScript (no MathJax from a CDN), so formulas are shown as their source;
+- ``:math:`x``` becomes a code span, in Unicode when every command in it has a symbol (``‖w‖/ρ``), and
+  ``.. math::`` a fenced ``latex`` block: the site loads no external JavaScript (no MathJax from a CDN), so
+  formulas are shown as their source;
 - ``Example::`` becomes a Google ``Examples:`` section (doctest blocks highlighted), and any other paragraph
   ending in ``::`` a paragraph ending in ``:`` followed by a fenced code block;
 - ``a, b: description`` in an ``Args:`` section (torch's ``device, dtype:``) becomes one entry per name;
@@ -97,13 +98,40 @@ def _resolve(target: str, public: dict[str, str], context: str) -> str | None:
     return None
 
 
+_SYMBOLS = {
+    r"\lVert": "‖", r"\rVert": "‖", r"\Vert": "‖", r"\|": "‖", r"\lvert": "|", r"\rvert": "|",
+    r"\alpha": "α", r"\beta": "β", r"\gamma": "γ", r"\delta": "δ", r"\epsilon": "ε", r"\varepsilon": "ε",
+    r"\eta": "η", r"\lambda": "λ", r"\mu": "μ", r"\pi": "π", r"\rho": "ρ", r"\sigma": "σ", r"\theta": "θ",
+    r"\nabla": "∇", r"\infty": "∞", r"\cdot": "·", r"\times": "×", r"\leftarrow": "←", r"\to": "→",
+    r"\le": "≤", r"\ge": "≥", r"\leq": "≤", r"\geq": "≥", r"\approx": "≈", r"\ne": "≠", r"\in": "∈",
+    r"\sum": "Σ", r"\,": " ", r"\;": " ", r"\quad": " ",
+}
+_COMMAND = re.compile(r"\\(?:[A-Za-z]+|[,;|])")
+
+
+def inline_math(latex: str) -> str:
+    """A short ``:math:`` formula in plain Unicode (``\\lVert w\\rVert/\\rho`` -> ``‖w‖/ρ``) when every command
+    in it has a symbol, else its LaTeX source: the site renders no LaTeX (no script from a CDN)."""
+    text = re.sub(r"\\(?:text|operatorname|mathrm|mathbf)\{([^{}]*)\}", r"\1", latex)
+    text = re.sub(r"\\hat\s*\{?w\}?", "ŵ", text)
+    text = re.sub(r"\\(lVert|lvert)\s*", lambda m: _SYMBOLS["\\" + m.group(1)], text)  # an opening bar
+
+    def symbol(match: re.Match[str]) -> str:
+        return _SYMBOLS.get(match.group(0), match.group(0))
+
+    text = _COMMAND.sub(symbol, text)
+    text = re.sub(r"\^\{([^{}]*)\}", r"^\1", text)
+    text = re.sub(r"_\{([^{}]*)\}", r"_\1", text)
+    return latex if "\\" in text or "{" in text else re.sub(r"\s+", " ", text).strip()
+
+
 def convert_roles(text: str, public: dict[str, str], context: str) -> str:
     """``:role:`target``` to a code span, linked when ``target`` is a public object of the reference."""
 
     def replace(match: re.Match[str]) -> str:
         role, body = match["role"], match["body"]
         if role == "math":
-            return f"`{body}`"
+            return f"`{inline_math(body)}`"
         explicit = re.fullmatch(r"(?P<title>.+?)\s*<(?P<target>[^>]+)>", body)
         if explicit:
             title, target = explicit["title"], explicit["target"]
