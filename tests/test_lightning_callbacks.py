@@ -585,6 +585,58 @@ def test_module_without_forward_and_batch_to_inputs_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# params="auto" in the modes the training step runs in (API.md §7), on every path
+
+
+class FrozenFirstBatchNorm(TinyModule):
+    """The fine-tuning idiom: net.1 frozen in eval mode with pretrained-like statistics by the module's own
+    on_fit_start, which Lightning runs after the callbacks' on_fit_start. net.0.weight then reaches the output
+    through a fixed affine map and is not scale-invariant; net.3.weight still is."""
+
+    def __init__(self, path, **kwargs):
+        super().__init__(example=path == "example_input_array", **kwargs)
+        with torch.no_grad():
+            self.net[1].running_mean.copy_(torch.linspace(-1, 1, 8))
+            self.net[1].running_var.copy_(torch.linspace(0.5, 2, 8))
+
+    def on_fit_start(self):
+        self.net[1].eval()
+
+
+class FrozenNoForward(FrozenFirstBatchNorm):
+    forward = pl.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+@pytest.mark.parametrize("path", ["example_input_array", "first-batch", "no-forward"])
+def test_auto_analyses_the_modes_the_training_step_runs_in(path):
+    model = (FrozenNoForward if path == "no-forward" else FrozenFirstBatchNorm)(path, lr=0.3)
+    head_norms = channel_norms(model.net[0].weight)
+    projection = WeightNormProjection(radius=2.0)
+    make_trainer(max_steps=3, callbacks=[projection]).fit(model)
+    assert not model.net[1].training and model.net[4].training  # the modes the steps ran in
+    assert list(projection.state_dict()["hooks"]["0"]["radius"]) == ["net.3.weight"]
+    torch.testing.assert_close(channel_norms(model.net[3].weight), torch.full((5,), 2.0, dtype=torch.float64))
+    # net.0.weight trained unprojected (its norms moved, and not to 2).
+    norms = channel_norms(model.net[0].weight)
+    assert not torch.allclose(norms, head_norms) and not torch.allclose(norms, torch.full_like(norms, 2.0))
+
+
+@pytest.mark.parametrize("module", [TinyModule, NoForward], ids=["forward", "no-forward"])
+def test_a_module_wholly_in_eval_is_analysed_in_eval_on_both_paths(module):
+    # Lightning trains a module left in eval mode in eval mode (it warns, and does not call train()): no
+    # BatchNorm normalises with batch statistics, so no weight is scale-invariant, whichever path finds them.
+    model = module(dtype=torch.float64)
+    model.eval()
+    with pytest.raises(ValueError, match="found no scale-invariant weight"):
+        make_trainer(max_steps=2, callbacks=[WeightNormProjection(radius=2.0)]).fit(model)
+    assert not model.training
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # scale_radius at any time, and resume at a schedule epoch
 
 
