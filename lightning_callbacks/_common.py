@@ -53,7 +53,12 @@ def _layer_sync(trainer: pl.Trainer) -> LayerSync | None:
     """
     # The connector holds the user's choice on every strategy; the strategy holds it only on parallel ones.
     layer_sync = getattr(getattr(trainer, "_accelerator_connector", None), "_layer_sync", None)
-    return layer_sync if layer_sync is not None else getattr(trainer.strategy, "_layer_sync", None)
+    return layer_sync if layer_sync is not None else strategy_layer_sync(trainer)
+
+
+def strategy_layer_sync(trainer: pl.Trainer) -> LayerSync | None:
+    """The ``LayerSync`` plugin the strategy applies when fitting (parallel strategies hold it), or ``None``."""
+    return getattr(trainer.strategy, "_layer_sync", None)
 
 
 def check_params(params: Any, owner: str) -> str | list[str]:

@@ -670,8 +670,8 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     :func:`scale_invariant_parameters_as_set` analyses those modes in every case.
 
     **Method.** One forward pass on the example inputs, in the modes above and without gradients, under a
-    :class:`ScaleInvarianceTrace` (a :class:`torch.overrides.TorchFunctionMode`) that tags every tensor with how it depends on each weight's
-    per-channel scale ``c``: a scaling ``c·t`` along one dimension, a scaling plus a per-channel constant
+    :class:`ScaleInvarianceTrace` (a :class:`torch.overrides.TorchFunctionMode`) that tags every tensor with how
+    it depends on each weight's per-channel scale ``c``: a scaling ``c·t`` along one dimension, a scaling plus a per-channel constant
     ``c·t + b`` (a convolution's bias), or an unknown dependence. Convolutions (``conv1d/2d/3d``) and ``linear``
     turn a scaling of their weight's dimension 0 into a scaling of the output's channel dimension; positively
     homogeneous operations pass a scaling on (ReLU, leaky ReLU, PReLU, dropout, max/average/adaptive pooling,

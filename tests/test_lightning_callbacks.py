@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
+import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -188,6 +191,137 @@ def test_checkpoint_saved_after_swap_loads_into_unmodified_module(tmp_path):
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(model.x), model(model.x))
+
+
+class BuiltLate(TinyModule):
+    """TinyModule whose network is built in ``setup()`` or ``configure_model()`` (Lightning's documented places
+    to build layers, called after the callbacks' setup), as a copy of ``template`` so that a module built in
+    ``__init__`` can be compared with it."""
+
+    def __init__(self, where, template, **kwargs):
+        super().__init__(**kwargs)
+        del self.net
+        self.where = where
+        self.template = [template]  # a list: not registered as a submodule
+        self.seen = []  # the batch-norm class each training or validation step ran
+
+    def _build(self):
+        # Lightning calls the hooks again for every fit/validate: build once (its documented idiom).
+        if "net" not in self._modules:
+            self.net = copy.deepcopy(self.template[0])
+
+    def setup(self, stage):
+        if self.where == "setup":
+            self._build()
+
+    def configure_model(self):
+        if self.where == "configure_model":
+            self._build()
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(type(self.net[1]))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(type(self.net[1]))
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+@pytest.mark.parametrize("where", ["setup", "configure_model"])
+def test_batchnorm_swap_converts_layers_built_in_setup_or_configure_model(where):
+    # Side by side: the same network built in __init__ and in the hook trains identically, with L1 layers whose
+    # Parameter objects are the ones the optimizer (built before the conversion) holds.
+    early = TinyModule(dtype=torch.float64, lr=0.3, momentum=0.9)
+    late = BuiltLate(where, copy.deepcopy(early.net), dtype=torch.float64, lr=0.3, momentum=0.9)
+    make_trainer(max_steps=3, callbacks=[BatchNormSwap("l1")]).fit(early)
+    trainer = make_trainer(max_steps=3, callbacks=[BatchNormSwap("l1")])
+    trainer.fit(late)
+    assert late.seen == [normdecouple.L1BatchNorm1d] * 3
+    assert type(late.net[4]) is normdecouple.L1BatchNorm1d
+    held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in late.parameters()} == held
+    for name, t in early.state_dict().items():
+        torch.testing.assert_close(late.state_dict()[name], t, rtol=0, atol=0, msg=name)
+
+
+def test_batchnorm_swap_late_layers_running_stats_are_l1():
+    # lr=0: one step's running_var is the L1 variance-equivalent of the first batch (float64 from the formula).
+    model = BuiltLate("configure_model", TinyModule().net, lr=0.0)
+    make_trainer(max_steps=1, callbacks=[BatchNormSwap("l1")]).fit(model)
+    h = model.x[:4].double() @ model.net[0].weight.detach().double().T
+    s = math.sqrt(math.pi / 2) * (h - h.mean(0)).abs().mean(0)
+    expected = 0.9 + 0.1 * s.square() * 4 / 3
+    torch.testing.assert_close(model.net[1].running_var.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_swap_late_layers_in_validate():
+    model = BuiltLate("configure_model", TinyModule().net)
+    make_trainer(callbacks=[BatchNormSwap("linf", k=2)]).validate(model)
+    assert model.seen and set(model.seen) == {normdecouple.LinfBatchNorm1d} and model.net[1].k == 2
+
+
+def test_batchnorm_swap_late_layers_resume_with_the_checkpoints_exact_statistics(tmp_path):
+    # "16-true" builds the layers in fp16 and Lightning loads the checkpoint into them before the conversion:
+    # 1e5 overflows fp16 and 0.1 rounds; the converted float32 statistics must be the checkpoint's own values.
+    model = BuiltLate("configure_model", TinyModule().net)
+    trainer = make_trainer(max_steps=2, precision="16-true", callbacks=[BatchNormSwap("l1")])
+    trainer.fit(model)
+    path = tmp_path / "late.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    state = checkpoint["state_dict"]
+    assert state["net.1.running_var"].dtype == torch.float32
+    state["net.1.running_var"] = torch.linspace(0.1, 1e5, 8)
+    state["net.4.running_mean"] = torch.full((5,), 0.1)
+    torch.save(checkpoint, path)
+    resumed = BuiltLate("configure_model", TinyModule().net)
+    make_trainer(max_steps=2, precision="16-true", callbacks=[BatchNormSwap("l1")]).fit(resumed, ckpt_path=path)
+    for key in ("net.1.running_var", "net.4.running_mean", "net.1.running_mean", "net.4.running_var"):
+        torch.testing.assert_close(resumed.get_buffer(key), state[key], rtol=0, atol=0, msg=key)
+    assert resumed.net[0].weight.dtype == torch.float16  # the run was "16-true"
+
+
+def test_batchnorm_swap_late_layers_with_sync_batchnorm_true_are_refused():
+    model = BuiltLate("configure_model", TinyModule().net)
+    with pytest.raises(ValueError, match=r"net\.1, net\.4.*plugins=\[SyncLpBatchNorm\(\)\]"):
+        make_trainer(max_steps=1, sync_batchnorm=True, callbacks=[BatchNormSwap("l1")]).fit(model)
+
+
+@pytest.fixture
+def restored_environment():
+    """Lightning's DDP sets MASTER_ADDR/PORT and ranks in os.environ and leaves the process group initialised."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_batchnorm_swap_late_layers_join_the_sync_plugin_under_ddp(restored_environment):
+    # One DDP process in this one (gloo): the strategy applied SyncLpBatchNorm before the late layers were ours;
+    # they are synchronised for training all the same, and reverted with the rest at teardown.
+    model = BuiltLate("configure_model", TinyModule().net)
+    make_trainer(max_steps=2, strategy="ddp", plugins=[SyncLpBatchNorm()], callbacks=[BatchNormSwap("l1")]).fit(
+        model)
+    assert model.seen == [normdecouple.SyncL1BatchNorm] * 2
+    assert type(model.net[1]) is normdecouple.L1BatchNorm1d
+
+
+def test_batchnorm_swap_late_layers_under_a_sharded_strategy_are_refused():
+    # FSDP needs CUDA: its hook is called as the Trainer would, with the strategy that has wrapped the layers.
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    model = BuiltLate("configure_model", TinyModule().net)
+    model.configure_model()
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy(), state=types.SimpleNamespace(fn="fit"))
+    with pytest.raises(ValueError, match=r"net\.1', 'net\.4'.*FSDPStrategy.*configure_model"):
+        BatchNormSwap("l1").on_fit_start(trainer, model)
+    assert type(model.net[1]) is nn.BatchNorm1d  # left as it was
 
 
 # ---------------------------------------------------------------------------------------------------------------
