@@ -61,6 +61,27 @@ def strategy_layer_sync(trainer: pl.Trainer) -> LayerSync | None:
     return getattr(trainer.strategy, "_layer_sync", None)
 
 
+def should_log_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training step's metrics (``self.log``, ``LearningRateMonitor``).
+
+    Lightning's rule (``log_every_n_steps``): the step whose count of optimizer steps taken before it, plus one,
+    is a multiple of ``log_every_n_steps``, or any step once the Trainer should stop; never with
+    ``log_every_n_steps=0``. Read from the logger connector, as ``LearningRateMonitor`` does; recomputed from
+    :func:`logging_step` if a Lightning upgrade renames it.
+    """
+    flag = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+    if isinstance(flag, bool):
+        return flag
+    every = trainer.log_every_n_steps
+    return bool(every) and ((logging_step(trainer) + 1) % every == 0 or trainer.should_stop)
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's loggers write a training batch's metrics at: the number of batches that stepped the
+    optimizers before it (once per batch, whatever the number of optimizers); ``global_step`` if renamed."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
 def check_params(params: Any, owner: str) -> str | list[str]:
     """``"auto"`` or a list of parameter names; anything else is a clear error at construction."""
     if isinstance(params, str):

@@ -648,6 +648,86 @@ def test_monitor_intervals(tmp_path, interval, accumulate, expected_rows):
     assert all(float(r["angular_update/net.0.weight"]) > 0 for r in rows)
 
 
+class SelfLogging(TinyModule):
+    """Logs its loss with Lightning's own self.log, per step and per epoch: the cadence to follow."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+def logged_steps(rows, key):
+    return sorted({int(r["step"]) for r in rows if r.get(key)})
+
+
+@pytest.mark.parametrize("every, accumulate", [(2, 1), (3, 1), (1, 2), (2, 2), (0, 1)])
+def test_monitor_logs_at_the_steps_self_log_and_learning_rate_monitor_log_at(tmp_path, every, accumulate):
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    make_trainer(tmp_path, max_epochs=2, log_every_n_steps=every, accumulate_grad_batches=accumulate,
+                 logger=CSVLogger(tmp_path), callbacks=[WeightNormMonitor(params=CHOSEN), LearningRateMonitor("step")]).fit(
+        SelfLogging(batches=7))
+    rows = read_metrics(tmp_path)
+    lightning = logged_steps(rows, "train_loss_step")
+    assert lightning == logged_steps(rows, "lr-SGD")
+    assert bool(lightning) == (every > 0)  # log_every_n_steps=0 logs no step, without an error
+    for key in ("weight_norm", "effective_lr", "angular_update"):
+        assert logged_steps(rows, f"{key}/net.0.weight") == lightning, key
+
+
+def test_monitor_by_epoch_logs_at_the_step_of_self_logs_epoch_values(tmp_path):
+    make_trainer(tmp_path, max_epochs=3, logger=CSVLogger(tmp_path),
+                 callbacks=[WeightNormMonitor("epoch", params=CHOSEN)]).fit(SelfLogging(batches=3))
+    rows = read_metrics(tmp_path)
+    assert logged_steps(rows, "angular_update/net.0.weight") == logged_steps(rows, "train_loss_epoch") == [2, 5, 8]
+
+
+class RawStep(Callback):
+    """The weights and the raw gradients of the chosen weights before the step (NormScaledLR scales them later, in
+    on_before_optimizer_step)."""
+
+    def on_after_backward(self, trainer, pl_module):
+        self.weights = {n: pl_module.get_parameter(n).detach().clone() for n in CHOSEN}
+        self.grads = {n: pl_module.get_parameter(n).grad.detach().clone() for n in CHOSEN}
+
+
+@pytest.mark.parametrize("reference", [None, 0.5])
+def test_monitor_effective_lr_is_the_step_of_the_direction(tmp_path, reference):
+    # Plain SGD on exactly scale-invariant weights (float64, eps=1e-300): the step f·lr·g is orthogonal to w, so
+    # the channel turns by tan θ = f·lr·‖g‖/‖w‖, and the gradient on the unit sphere is ∇L(ŵ) = ‖w‖·g: the step
+    # size of the direction, per unit of ∇L(ŵ), is tan θ / (‖w‖·‖g‖). NormScaledLR's f = (‖w‖/ρ)² makes it lr/ρ².
+    model = NoForward(dtype=torch.float64, lr=0.3)
+    raw = RawStep()
+    callbacks = [WeightNormMonitor(params=CHOSEN), raw]
+    if reference is not None:
+        callbacks.append(NormScaledLR(params=CHOSEN, reference=reference))
+    make_trainer(tmp_path, max_steps=1, log_every_n_steps=1, logger=CSVLogger(tmp_path), callbacks=callbacks).fit(
+        model)
+    (row,) = [r for r in read_metrics(tmp_path) if r.get("effective_lr/net.0.weight")]
+    for name in CHOSEN:
+        w0, g, w1 = raw.weights[name], raw.grads[name], model.get_parameter(name).detach()
+        tan = channel_norms(w1 - w0) / channel_norms(w0)
+        step_of_direction = tan / (channel_norms(w0) * channel_norms(g))
+        logged = float(row[f"effective_lr/{name}"])
+        assert logged == pytest.approx(step_of_direction.mean().item(), rel=1e-9)
+        if reference is not None:
+            assert logged == pytest.approx(0.3 / reference**2, rel=1e-9)
+
+
+def test_monitor_effective_lr_under_norm_scaled_lr_with_adam(tmp_path):
+    # Adam's update ignores the gradient's scale: the direction moves with lr/‖w‖, which NormScaledLR's factor
+    # ‖w‖/ρ turns into lr/ρ whatever the norm has become.
+    make_trainer(tmp_path, max_steps=3, log_every_n_steps=1, logger=CSVLogger(tmp_path),
+                 callbacks=[NormScaledLR(reference=0.5), WeightNormMonitor()]).fit(
+        TinyModule(optimizer="adam", lr=0.01))
+    rows = [r for r in read_metrics(tmp_path) if r.get("effective_lr/net.3.weight")]
+    assert len(rows) == 3
+    for r in rows:
+        assert float(r["weight_norm/net.3.weight"]) != pytest.approx(0.5, rel=1e-3)  # the norm is not ρ
+        assert float(r["effective_lr/net.3.weight"]) == pytest.approx(0.01 / 0.5, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A LightningModule without forward: training_step calls self.net directly (as in Lightning's own docs)
 
