@@ -54,15 +54,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-#: Default wall-clock budget: the whole run stays under 10 minutes on one GPU.
+import normdecouple as nd  # noqa: E402  (the repository's copy, put first on the path above)
+
+#: Default wall-clock budget: the whole run stays under 10 minutes on one GPU (the interpreter gets more).
 DEFAULT_BUDGET_S = 570.0
+DEFAULT_INTERPRET_BUDGET_S = 1800.0
 #: Lines of a child process that carry results start with this; everything else is kept as log.
 PREFIX = "@@gpu_check "
 CHECKS = ("layouts", "gpu-tests", "fused", "sync", "timing", "large")
@@ -123,15 +130,15 @@ def build_cases(mode: Mode) -> list[Case]:
     for shape in layout_shapes(mode):
         for layout in LAYOUTS:
             cases.append(Case(
-                f"layouts/{layout.name}-{'x'.join(map(str, shape))}",
+                f"layouts/{layout.name.replace(' ', '-')}-{'x'.join(map(str, shape))}",
                 f"{layout.name} `{layout.code}`, layer input {shape_text(shape)} fp32",
                 _bind(run_layout_case, layout=layout, shape=shape), timeout=150))
     cases.append(Case("gpu-tests/pytest", "`" + shlex.join(["pytest", *gpu_test_command(mode)[3:]]) + "`",
                       run_gpu_tests, timeout=180 if mode.quick else 270, cuda_only=True))
     for norm, k in fused_norms(mode):
         for dtype_name in fused_dtypes(mode):
-            name = norm_text(norm, k)
-            cases.append(Case(f"fused/{norm}{k}-{dtype_name}", f"fused {name} {dtype_name} vs unfused + act",
+            slug = "l1" if norm == "l1" else f"linf{k}"
+            cases.append(Case(f"fused/{slug}-{dtype_name}", f"fused {norm_text(norm, k)} {dtype_name} vs unfused + act",
                               _bind(run_fused_case, norm=norm, k=k, dtype_name=dtype_name), timeout=150))
     sync_cases = [
         ("no-host-sync-l1", "no host sync: L1 net fp32 NCHW", run_no_sync_case, dict(norm="l1", k=1, fuse=False,
@@ -187,19 +194,12 @@ MOMENTUM, EPS = 0.1, 1e-5
 LEAKY_SLOPE = 0.1  # not a float32 number: a float64 layer shows whether the slope reaches the kernel in float64
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 def dtype_of(name: str):
-    torch = _torch()
     return {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def device_of(mode: Mode):
-    return _torch().device("cpu" if mode.interpret else "cuda")
+    return torch.device("cpu" if mode.interpret else "cuda")
 
 
 def reference(x, weight, bias, norm: str, k: int, eps: float = EPS, residual=None, activation: str = "identity",
@@ -209,11 +209,6 @@ def reference(x, weight, bias, norm: str, k: int, eps: float = EPS, residual=Non
     mean μ and deviations d = x − μ per channel over its n values; L1: s = sqrt(π/2)·mean|d|; L∞: s = (mean of
     the k largest |d|) / c(n, k); y = d / sqrt(s² + eps) · weight + bias. Returns (y, μ, s, n).
     """
-    import torch.nn.functional as F
-
-    import normdecouple as nd
-
-    torch = _torch()
     c = x.shape[1]
     dims = [0, *range(2, x.dim())]
     n = x.numel() // c
@@ -239,10 +234,10 @@ def reference(x, weight, bias, norm: str, k: int, eps: float = EPS, residual=Non
 
 def mismatch(got, want, atol: float, rtol: float, relative_to_max: bool = False) -> str | None:
     """None when ``got`` is within (atol, rtol) of the float64 ``want`` everywhere, else what is off."""
-    torch = _torch()
     if tuple(got.shape) != tuple(want.shape):
         return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    got, want = got.detach().to(torch.float64), want.detach().to(torch.float64)
+    got = got.detach().to(device=want.device, dtype=torch.float64)
+    want = want.detach().to(torch.float64)
     if relative_to_max:  # sums over a channel: compared relative to their largest entry
         atol = atol * (want.abs().max().item() + 1.0) if want.numel() else atol
     bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
@@ -259,7 +254,6 @@ def mismatch(got, want, atol: float, rtol: float, relative_to_max: bool = False)
 
 def guarded(numel: int, dtype, device, fill: Callable | None = None, guard: int = 4096):
     """(buffer, middle): ``numel`` values between two guard runs of a sentinel, in one allocation."""
-    torch = _torch()
     buf = torch.full((guard + numel + guard,), GUARD_VALUE, dtype=dtype, device=device)
     middle = buf[guard:guard + numel]
     if fill is not None:
@@ -267,7 +261,7 @@ def guarded(numel: int, dtype, device, fill: Callable | None = None, guard: int 
     return buf, middle, guard
 
 
-GUARD_VALUE = -1234.5  # exact in every float dtype; no kernel writes it by chance
+GUARD_VALUE = -1152.0  # exact in every float dtype (9 * 2^7), far outside any normalised output
 GUARD_BYTE = 0xA5
 
 
@@ -282,14 +276,13 @@ class OutputTrap:
     Why the placement holds: the guards (32 MiB) and the slot (over 20 MiB) are larger than any free fragment
     the allocator keeps (segments for requests under 10 MiB are 20 MiB), so after ``empty_cache`` they are carved
     one after the other from one fresh segment, and the freed slot is then the best fit for a request of its
-    size. Whether it held is checked (``armed``) rather than assumed.
+    size. Whether it held is checked (``holds``: the output's address is the slot's) rather than assumed.
     """
 
     GUARD = 32 * 2**20
     MIN_SLOT = 20 * 2**20 + 1
 
     def __init__(self, nbytes: int, device) -> None:
-        torch = _torch()
         self.ptr = None
         self.before = self.after = None
         if device.type != "cuda" or nbytes < self.MIN_SLOT:
@@ -367,8 +360,6 @@ class LayerSpec:
     low_precision: bool = False
 
     def make(self, channels: int, device, dtype=None, backend: str = "triton"):
-        import normdecouple as nd
-
         kw = {"low_precision": self.low_precision} | ({} if self.norm == "l1" else {"k": self.k})
         if self.fused:
             cls = nd.L1BatchNormAct2d if self.norm == "l1" else nd.LinfBatchNormAct2d
@@ -391,7 +382,6 @@ def layout_layers(mode: Mode) -> list[LayerSpec]:
 
 
 def run_layout_case(rep: Reporter, mode: Mode, layout: Layout, shape: tuple[int, ...]) -> None:
-    torch = _torch()
     device = device_of(mode)
     problems, armed = [], {"y": 0, "dx": 0}
     layers = layout_layers(mode)
@@ -406,7 +396,7 @@ def run_layout_case(rep: Reporter, mode: Mode, layout: Layout, shape: tuple[int,
     if device.type == "cuda":
         guards = f"output guards armed for y {armed['y']}/{len(layers)}, dx {armed['dx']}/{len(layers)}"
     else:
-        guards = "output guards: CUDA only (on the CPU a stray write shows as a crash)"
+        guards = "output guards: CUDA only (on the CPU a stray write may show as a crash)"
     if problems:
         rep.row("FAIL", "; ".join(problems))
     else:
@@ -416,7 +406,6 @@ def run_layout_case(rep: Reporter, mode: Mode, layout: Layout, shape: tuple[int,
 
 def check_layer_on_layout(spec: LayerSpec, layout: Layout, shape: tuple[int, ...], device) -> tuple[list[str], list]:
     """Forward+backward of one layer on one layout against float64; returns (problems, outputs the trap held)."""
-    torch = _torch()
     c = shape[1]
     base_shape = layout.base(shape)
     numel = math.prod(base_shape)
@@ -445,18 +434,7 @@ def check_layer_on_layout(spec: LayerSpec, layout: Layout, shape: tuple[int, ...
         layer.bias.normal_()
         layer.running_mean.normal_()
         layer.running_var.uniform_(0.5, 1.5)
-    rm0, rv0 = layer.running_mean.double().clone(), layer.running_var.double().clone()
-
-    # float64 reference on the same view of a float64 copy of the base, gradients to the base.
-    leaf64 = snapshot.double().requires_grad_()
-    view64 = layout.view(leaf64, shape)
-    w64 = layer.weight.detach().double().requires_grad_()
-    b64 = layer.bias.detach().double().requires_grad_()
-    r64 = residual.detach().double().requires_grad_() if residual is not None else None
-    y64, mean64, s64, n = reference(view64, w64, b64, spec.norm, spec.k, residual=r64,
-                                    activation=spec.activation)
-    inputs64 = [leaf64, w64, b64] + ([r64] if r64 is not None else [])
-    grads64 = torch.autograd.grad(y64, inputs64, dy.double())
+    expected = _layout_reference(spec, layout, shape, layer, snapshot, residual, dy)
 
     nbytes = view.numel() * view.element_size()
     trap_y = OutputTrap(nbytes, device)
@@ -483,17 +461,35 @@ def check_layer_on_layout(spec: LayerSpec, layout: Layout, shape: tuple[int, ...
     if not torch.equal(base, snapshot):
         problems.append("the input was modified")
     atol, rtol = TOLERANCES["fp32"]
-    expected_rm = (1 - MOMENTUM) * rm0 + MOMENTUM * mean64.detach()
-    expected_rv = (1 - MOMENTUM) * rv0 + MOMENTUM * s64.detach() ** 2 * n / (n - 1)
-    checks = [("y", y, y64, False), ("running_mean", layer.running_mean, expected_rm, False),
-              ("running_var", layer.running_var, expected_rv, False)]
-    names = ["dx", "dweight", "dbias", "dresidual"]
-    checks += [(nm, g, g64, True) for nm, g, g64 in zip(names, grads, grads64)]
-    for name, got, want, rel in checks:
-        issue = mismatch(got, want, atol, rtol, relative_to_max=rel)
+    got = {"y": y, "running_mean": layer.running_mean, "running_var": layer.running_var}
+    got.update(zip(["dx", "dweight", "dbias", "dresidual"], grads))
+    for name, want in expected.items():
+        issue = mismatch(got[name], want, atol, rtol, relative_to_max=name.startswith("d"))
         if issue:
             problems.append(f"{name} {issue}")
     return problems, held
+
+
+def _layout_reference(spec: LayerSpec, layout: Layout, shape: tuple[int, ...], layer, base, residual, dy) -> dict:
+    """The float64 results of one training step on the same view of a float64 copy of ``base`` (gradients to
+    the base), moved to the CPU: the device's memory then holds no temporaries of the reference, so that the
+    output guards are carved from a fresh segment."""
+    leaf64 = base.double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_()
+    r64 = residual.detach().double().requires_grad_() if residual is not None else None
+    y64, mean64, s64, n = reference(layout.view(leaf64, shape), w64, b64, spec.norm, spec.k, residual=r64,
+                                    activation=spec.activation)
+    inputs64 = [leaf64, w64, b64] + ([r64] if r64 is not None else [])
+    grads64 = torch.autograd.grad(y64, inputs64, dy.double())
+    expected = {
+        "y": y64,
+        # torch's update rule, with the variance-equivalent s² n/(n − 1) (API.md §1).
+        "running_mean": (1 - MOMENTUM) * layer.running_mean.double() + MOMENTUM * mean64,
+        "running_var": (1 - MOMENTUM) * layer.running_var.double() + MOMENTUM * s64 ** 2 * n / (n - 1),
+    }
+    expected.update(zip(["dx", "dweight", "dbias", "dresidual"], grads64))
+    return {name: t.detach().cpu() for name, t in expected.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -559,19 +555,20 @@ def fused_dtypes(mode: Mode) -> list[str]:
 
 def fused_combinations(mode: Mode) -> list[tuple[tuple[int, ...], bool, str, bool]]:
     """(shape, channels_last, activation, residual) of one fused case."""
-    if mode.interpret and mode.quick:
-        return [((3, 4, 4, 5), False, "relu", True), ((3, 4, 4, 5), False, "leaky_relu", True)]
-    # CUDA: 3200 values per channel (persistent kernel) and 9216 (streaming); CPU: 60 (four 16-value blocks).
-    shapes = [(3, 4, 4, 5)] if mode.interpret else ([(16, 32, 24, 24)] if mode.quick
-                                                    else [(8, 32, 20, 20), (16, 32, 24, 24)])
+    acts = ("relu", "leaky_relu", "identity")
+    if mode.interpret:
+        # 60 values per channel (four of the interpreter's 16-value blocks); each combination costs seconds.
+        shape = (3, 4, 4, 5)
+        if mode.quick:
+            return [(shape, False, "relu", True), (shape, False, "leaky_relu", True)]
+        return [(shape, cl, act, not cl) for act in acts for cl in (False, True)]
+    # 3200 values per channel (persistent kernel) and 9216 (streaming).
+    shapes = [(16, 32, 24, 24)] if mode.quick else [(8, 32, 20, 20), (16, 32, 24, 24)]
     return [(shape, cl, act, res) for shape in shapes for cl in (False, True)
-            for act in ("relu", "leaky_relu", "identity") for res in (False, True)]
+            for act in acts for res in (False, True)]
 
 
 def run_fused_case(rep: Reporter, mode: Mode, norm: str, k: int, dtype_name: str) -> None:
-    import torch.nn.functional as F
-
-    torch = _torch()
     device, dtype = device_of(mode), dtype_of(dtype_name)
     acts = {"relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, LEAKY_SLOPE), "identity": lambda t: t}
     atol, rtol = TOLERANCES[dtype_name]
@@ -632,11 +629,6 @@ def run_fused_case(rep: Reporter, mode: Mode, norm: str, k: int, dtype_name: str
 
 def small_convnet(norm: str, k: int, fuse: bool, half: bool, device):
     """conv-BN-ReLU x2 (16384 and 4096 values per channel at batch 16, 32x32), pooled, linear: converted."""
-    from torch import nn
-
-    import normdecouple as nd
-
-    torch = _torch()
     net = nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
@@ -653,9 +645,6 @@ def small_convnet(norm: str, k: int, fuse: bool, half: bool, device):
 
 
 def run_no_sync_case(rep: Reporter, mode: Mode, norm: str, k: int, fuse: bool, half: bool) -> None:
-    import torch.nn.functional as F
-
-    torch = _torch()
     device = device_of(mode)
     torch.manual_seed(0)
     net, dtype, memory_format, fused = small_convnet(norm, k, fuse, half, device)
@@ -701,9 +690,6 @@ def run_no_sync_case(rep: Reporter, mode: Mode, norm: str, k: int, fuse: bool, h
 
 
 def run_graph_case(rep: Reporter, mode: Mode, norm: str, k: int, fuse: bool, half: bool) -> None:
-    import torch.nn.functional as F
-
-    torch = _torch()
     device = device_of(mode)
     torch.manual_seed(0)
     torch.backends.cudnn.deterministic = True
@@ -788,10 +774,6 @@ def timing_configs(mode: Mode) -> list[tuple[str, str, bool, tuple[str, ...]]]:
 
 
 def _timing_module(name: str, channels: int):
-    from torch import nn
-
-    import normdecouple as nd
-
     lowp = name.endswith("low_precision")
     if name == "cuDNN BatchNorm2d":
         return nn.BatchNorm2d(channels)
@@ -807,7 +789,6 @@ def _timing_module(name: str, channels: int):
 
 def time_calls(calls: dict[str, Callable[[int], object]], repeats: int, warmup: int) -> dict[str, float]:
     """Median seconds per call of each variant (CUDA events around every call), the variants taking turns."""
-    torch = _torch()
     for call in calls.values():
         for i in range(warmup):
             call(i)
@@ -827,7 +808,6 @@ def time_calls(calls: dict[str, Callable[[int], object]], repeats: int, warmup: 
 
 def run_timing_case(rep: Reporter, mode: Mode, dtype_name: str, channels_last: bool,
                     variants: tuple[str, ...]) -> None:
-    torch = _torch()
     device, dtype = device_of(mode), dtype_of(dtype_name)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
@@ -888,7 +868,6 @@ def large_configs(mode: Mode) -> list[tuple[str, str, dict]]:
 
 def run_large_case(rep: Reporter, mode: Mode, shape: tuple[int, ...], spec: LayerSpec, dtype_name: str,
                    channels_last: bool) -> None:
-    torch = _torch()
     device, dtype = device_of(mode), dtype_of(dtype_name)
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -941,7 +920,6 @@ def emit(kind: str, **payload) -> None:
 
 
 def child_main(mode: Mode, ids: Sequence[str]) -> int:
-    torch = _torch()
     cases = {case.id: case for case in build_cases(mode)}
     for case_id in ids:
         case = cases[case_id]
@@ -1021,10 +999,10 @@ def run_isolated(command: Callable[[list[str]], list[str]], cases: list[Case], e
             except queue.Empty:
                 _kill(process)
                 case = current or pending[0]
-                why = (f"timed out after {case.timeout:.0f} s" if limit == case_deadline
-                       else "stopped: the time budget was spent")
-                rows += case_rows + [Row(case.check, case.label, "FAIL", f"{why} in step '{step}'"
-                                         + _log_text(log))]
+                timed_out = limit == case_deadline
+                why = f"timed out after {case.timeout:.0f} s" if timed_out else "stopped: the time budget was spent"
+                rows += case_rows + [Row(case.check, case.label, "FAIL" if timed_out else "not run",
+                                         f"{why} in step '{step}'" + _log_text(log))]
                 progress(f"{case.id}: {why}")
                 pending.remove(case)
                 break
@@ -1090,7 +1068,6 @@ def failed(rows: list[Row]) -> bool:
 
 
 def header(mode: Mode, argv: Sequence[str], seconds: float) -> str:
-    torch = _torch()
     try:
         import triton
 
@@ -1136,8 +1113,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"checks ({', '.join(CHECKS)}) or case ids / shell patterns (see --list)")
     parser.add_argument("--cpu-interpret", action="store_true",
                         help="CPU tensors under TRITON_INTERPRET=1, tiny shapes; CUDA-only checks are skipped")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"wall-clock seconds for the whole run (default {DEFAULT_BUDGET_S:.0f})")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"wall-clock seconds for the whole run (default {DEFAULT_BUDGET_S:.0f}; "
+                             f"{DEFAULT_INTERPRET_BUDGET_S:.0f} with --cpu-interpret)")
     parser.add_argument("--list", action="store_true", help="print the case ids and exit")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1157,7 +1135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print("\n".join(f"{c.id}{'  (CUDA only)' if c.cuda_only else ''}" for c in cases))
         return 0
-    torch = _torch()
     if not mode.interpret and not torch.cuda.is_available():
         print("gpu_check.py needs a CUDA device and none is visible (torch.cuda.is_available() is False); "
               "--cpu-interpret runs the correctness checks on CPU tensors under Triton's interpreter",
@@ -1169,7 +1146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gpu_check.py checks the Triton kernels: pip install 'normdecouple[triton]'", file=sys.stderr)
         return 2
     start = time.monotonic()
-    deadline = start + args.budget
+    budget = args.budget if args.budget is not None else (
+        DEFAULT_INTERPRET_BUDGET_S if mode.interpret else DEFAULT_BUDGET_S)
+    deadline = start + budget
     env = child_env(mode)
     script = str(Path(__file__).resolve())
     flags = (["--quick"] if mode.quick else []) + (["--cpu-interpret"] if mode.interpret else [])
