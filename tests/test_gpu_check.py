@@ -26,8 +26,8 @@ def gpu_check():
 
 
 # A stand-in for the script's child process, speaking its line protocol: per case id, 'start', a step, a log
-# line, then a row and 'end'; ids ending in "crash" abort the process mid-case, "hang" sleep past any timeout,
-# "silent" make the process exit 0 at once.
+# line, then a row and 'end'; ids ending in "crash" abort the process mid-case ("rowcrash" after reporting a
+# failure), "hang" sleep past any timeout, "silent" make the process exit 0 at once.
 FAKE_CHILD = r"""
 import json, os, sys, time
 def emit(kind, **payload):
@@ -38,6 +38,9 @@ for case_id in sys.argv[1:]:
     emit("start", id=case_id)
     emit("step", label="working on " + case_id)
     print("log line of " + case_id, flush=True)
+    if case_id.endswith("rowcrash"):
+        emit("row", case=case_id, result="FAIL", detail="wrong values")
+        os.abort()
     if case_id.endswith("crash"):
         os.abort()
     if case_id.endswith("hang"):
@@ -62,6 +65,12 @@ def test_a_crash_fails_its_case_and_the_next_case_runs_in_a_new_process(gpu_chec
     assert "killed by SIGABRT in step 'working on t/crash'" in rows[1].detail
     assert "log line of t/crash" in rows[1].detail  # the last output, for the reader of the table
     assert gpu_check.failed(rows)
+
+
+def test_a_case_that_reports_then_crashes_keeps_one_row(gpu_check):
+    rows = _run_fake(gpu_check, ["t/rowcrash", "t/b"])
+    assert [(r.case, r.result) for r in rows] == [("t/rowcrash", "FAIL"), ("t/b", "pass")]
+    assert rows[0].detail.startswith("wrong values; then process killed by SIGABRT")
 
 
 def test_a_hang_times_out_and_the_next_case_still_runs(gpu_check):
