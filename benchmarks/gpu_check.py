@@ -686,7 +686,8 @@ def run_no_sync_case(rep: Reporter, mode: Mode, norm: str, k: int, fuse: bool, h
         torch.cuda.set_sync_debug_mode(0)
     what = f"forward, backward, SGD step; {fused} fused layers"
     if error:
-        rep.row("FAIL", f"host sync in the training step ({what}): {error}")
+        kind = "host sync" if "synchroniz" in error else "error"
+        rep.row("FAIL", f"{kind} in the training step ({what}): {error}")
     elif not probe:
         rep.row("FAIL", "set_sync_debug_mode('error') did not flag .item(): the check proves nothing here")
     else:
