@@ -366,16 +366,31 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
     setattr(_InplaceProxy, f"__i{_name}__", _inplace_method(getattr(operator, f"i{_name}")))
 
 
+def _context() -> tuple:
+    """The thread-local modes that ``torch.fx`` does not record: grad mode, inference mode and autocast."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            *(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")))
+
+
 class _BlockTracer(Tracer):
     """Traces a block's forward; its children stay calls except those named in ``inline`` (the way down to the
-    BatchNorms), whose forward is traced through."""
+    BatchNorms), whose forward is traced through. Records whether any operation was traced under another grad,
+    inference or autocast mode than the trace began in (``with torch.no_grad():`` in the forward), which the
+    graph would silently drop."""
 
     def __init__(self, inline: frozenset[str]) -> None:
         super().__init__(autowrap_modules=(math,))
         self._inline = inline
+        self._start = _context()
+        self.mode_changed = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name not in self._inline
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, *rest: Any, **more: Any) -> Proxy:
+        if _context() != self._start:
+            self.mode_changed = True
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def proxy(self, node: Node) -> Proxy:
         return _InplaceProxy(node, self)
@@ -442,11 +457,16 @@ def _trace_block(block: nn.Module, inline: frozenset[str]) -> Graph | str:
     versions = _tensor_versions(block)
     modes = [m.training for m in inlined]
     codes = []
+    mode_changed = False
     try:
         for training in (True, False):
             for m in inlined:
                 m.training = training
-            graph = _BlockTracer(inline).trace(block)
+            # Traced once with grad enabled and once without, so that a region switching it either way shows.
+            with torch.set_grad_enabled(training):
+                tracer = _BlockTracer(inline)
+                graph = tracer.trace(block)
+            mode_changed |= tracer.mode_changed
             codes.append(graph.python_code(root_module="self").src)
             if training == modes[0]:
                 kept = graph
@@ -455,6 +475,9 @@ def _trace_block(block: nn.Module, inline: frozenset[str]) -> Graph | str:
     finally:
         for m, training in zip(inlined, modes):
             m.training = training
+    if mode_changed:
+        return ("its forward switches grad, inference or autocast mode (torch.no_grad(), torch.autocast...), "
+                "which a traced forward would drop")
     changed = _changed_attributes(snapshot)
     if changed:
         return f"its forward sets attributes that a traced forward would not ({', '.join(changed[:3])})"
@@ -831,6 +854,7 @@ class _Observation:
     single_use: dict[int, bool]  # id(layer) -> every call's output has exactly one use (none is a model output)
     consumer: dict[int, str]  # id(layer) -> the autograd node consuming its output (its first call)
     sum_single_use: dict[int, bool]  # id(layer) -> where that consumer is an addition: its result has one use
+    after_sum: dict[int, str]  # id(layer) -> the autograd node consuming that sum (when it has one use)
     residual_of: dict[int, int]  # id(layer) -> id(layer2): layer's output is the other operand of layer2's sum
 
 
@@ -912,6 +936,7 @@ def _observe(root: nn.Module, example_inputs: tuple, restore: _Restore) -> _Obse
     single_use: dict[int, bool] = {}
     consumer: dict[int, str] = {}
     sum_single_use: dict[int, bool] = {}
+    after_sum: dict[int, str] = {}
     residual_of: dict[int, int] = {}
     outputs_of = {(id(node), nr): layer for layer, _, node, nr, _ in layer_calls if node is not None}
     for layer, _, node, nr, _ in layer_calls:
@@ -924,6 +949,8 @@ def _observe(root: nn.Module, example_inputs: tuple, restore: _Restore) -> _Obse
         if found and type(found[0]).__name__.startswith("AddBackward"):
             add = found[0]
             sum_single_use[id(layer)] = uses[(id(add), 0)] == 1
+            after = consumers.get((id(add), 0), [])
+            after_sum[id(layer)] = type(after[0]).__name__ if len(after) == 1 and uses[(id(add), 0)] == 1 else ""
             for child, child_nr in add.next_functions:
                 if child is not None and (child is not node or child_nr != nr):
                     other = outputs_of.get((id(child), child_nr))
@@ -967,7 +994,7 @@ def _observe(root: nn.Module, example_inputs: tuple, restore: _Restore) -> _Obse
                 if first is output:
                     blocked.add(id(act))
     pairs = [(layer, act) for layer, act in pairs if id(act) not in blocked]
-    return _Observation(pairs, calls, single_use, consumer, sum_single_use, residual_of)
+    return _Observation(pairs, calls, single_use, consumer, sum_single_use, after_sum, residual_of)
 
 
 def _capture(root: nn.Module, example_inputs: tuple, modules: list[nn.Module],
@@ -996,45 +1023,45 @@ def _clone(tree: Any) -> Any:
                     tree)
 
 
-def _leaves_reached(outputs: Any, inputs: list[Tensor]) -> set:
-    """Which parameters (by identity) and which inputs (by position) autograd reaches from the outputs."""
-    positions = {id(t): i for i, t in enumerate(inputs)}
-    found: set = set()
-    seen: set[int] = set()
-    stack = [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, Tensor) and t.grad_fn is not None]
-    stack += [t for t in tree_leaves(outputs) if isinstance(t, Tensor) and t.grad_fn is None and t.requires_grad]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Tensor):
-            found.add(("input", positions[id(node)]) if id(node) in positions else ("tensor", id(node)))
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            found.add(("input", positions[id(variable)]) if id(variable) in positions else ("tensor", id(variable)))
-        stack.extend(child for child, _ in node.next_functions if child is not None)
-    return found
+# Relative gradient differences accepted between a rewritten forward and the original on the example: the
+# fused backward recovers x_hat from the output, which rounds (float32 within about 1e-4 of x_hat, see
+# normdecouple._act_backend.max_gain); a region that autograd sees differently (a dropped no_grad, a detach)
+# changes gradients by far more.
+_GRAD_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def _run_with_grads(fn: Callable[..., Any], module: nn.Module, arguments: tuple[tuple, dict], example_inputs: tuple,
+                    restore: _Restore) -> tuple[Any, list[Tensor | None]]:
+    """``fn(*args, **kwargs)`` on fresh copies of the arguments, and the gradients of its outputs (against fixed
+    random output gradients) with respect to the tensor arguments and the module's parameters."""
+    args, kwargs = _clone(arguments)
+    targets = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.requires_grad]
+    targets += [p for p in module.parameters() if p.requires_grad]
+    try:
+        with torch.random.fork_rng(devices=_devices(example_inputs)), torch.enable_grad():
+            out = fn(*args, **kwargs)
+            outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+            torch.manual_seed(0)
+            upstream = [torch.randn_like(t) for t in outs]
+            grads: list[Tensor | None] = [None] * len(targets)
+            if outs and targets:
+                grads = list(torch.autograd.grad(outs, targets, upstream, allow_unused=True))
+    finally:
+        restore.restore()
+    return out, grads
 
 
 def _verify(module: nn.Module, rewrite: RewrittenForward, arguments: tuple[tuple, dict], example_inputs: tuple,
             restore: _Restore) -> str | None:
-    """Run the module's own forward and the rewritten one on the same arguments and compare; a reason if they
-    differ (outputs' structure, dtypes, shapes, values beyond rounding, or the tensors autograd reaches)."""
-    results = []
-    for fn in (lambda *a, **k: type(module).forward(module, *a, **k), rewrite.run_rewritten):
-        args, kwargs = _clone(arguments)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        try:
-            with torch.random.fork_rng(devices=_devices(example_inputs)), torch.enable_grad():
-                out = fn(*args, **kwargs)
-        except Exception as error:
-            return f"its rewritten forward fails on the example ({_first_line(error)})"
-        finally:
-            restore.restore()
-        results.append((out, _leaves_reached(out, inputs)))
-    (expected, reached), (got, got_reached) = results
+    """Run the module's own forward and the rewritten one on the same arguments, forward and backward, and
+    compare; a reason if they differ (outputs' structure, dtypes, shapes, values beyond rounding, or the
+    gradients of the arguments and parameters beyond rounding)."""
+    expected, expected_grads = _run_with_grads(lambda *a, **k: type(module).forward(module, *a, **k), module,
+                                               arguments, example_inputs, restore)
+    try:
+        got, got_grads = _run_with_grads(rewrite.run_rewritten, module, arguments, example_inputs, restore)
+    except Exception as error:
+        return f"its rewritten forward fails on the example ({_first_line(error)})"
     flat_expected, spec_expected = tree_flatten(expected)
     flat_got, spec_got = tree_flatten(got)
     if spec_expected != spec_got:
@@ -1051,8 +1078,21 @@ def _verify(module: nn.Module, rewrite: RewrittenForward, arguments: tuple[tuple
                 return "its rewritten forward gives other values on the example"
         elif a != b:
             return "its rewritten forward returns other values on the example"
-    if reached != got_reached:
-        return "its rewritten forward differentiates other tensors than its own (a no_grad or detach region?)"
+    present = [b for b in expected_grads if b is not None]
+    # Gradients that are zero in exact arithmetic (a convolution's bias before a BatchNorm) are rounding noise
+    # in both: each tensor is compared at least on the scale of the typical gradient value of all of them.
+    total = sum(float(b.double().square().sum()) for b in present)
+    count = sum(b.numel() for b in present)
+    typical = math.sqrt(total / count) if count else 0.0
+    for a, b in zip(got_grads, expected_grads):
+        if (a is None) != (b is None):
+            return "its rewritten forward differentiates other tensors than its own (a no_grad or detach region?)"
+        if a is not None:
+            tolerance = _GRAD_TOLERANCE.get(b.dtype, 1e-3)
+            difference = float(torch.linalg.vector_norm((a - b).double()))
+            scale = float(torch.linalg.vector_norm(b.double())) + typical * math.sqrt(b.numel())
+            if not difference <= tolerance * scale:
+                return "its rewritten forward gives other gradients on the example"
     return None
 
 
@@ -1144,10 +1184,37 @@ class _Built:
     warnings: list[str]
 
 
-def _describe_consumer(name: str) -> str:
-    if not name:
-        return "its output is not used by a differentiable operation"
-    return f"its output goes into {name.replace('Backward0', '').replace('Backward1', '')}"
+# Autograd nodes of activations the fused layers cannot take (for the plan's reasons when only the followed
+# forward, not a traced one, shows what comes after a BatchNorm).
+_AUTOGRAD_ACTIVATIONS = {"Hardtanh": "ReLU6 (or Hardtanh)", "Silu": "SiLU", "Gelu": "GELU", "Hardswish": "Hardswish",
+                         "Hardsigmoid": "Hardsigmoid", "Elu": "ELU", "Sigmoid": "a sigmoid", "Tanh": "tanh",
+                         "Mish": "Mish", "Softplus": "Softplus", "Prelu": "PReLU", "PreluKernel": "PReLU",
+                         "Clamp": "a clamp", "ClampMin": "a clamp"}
+_FUSABLE_NODES = ("Relu", "LeakyRelu")
+
+
+def _node_kind(name: str) -> str:
+    return name[: name.index("Backward")] if "Backward" in name else name
+
+
+def _observed_pattern(seen: _Observation, layer: nn.Module) -> tuple[bool, str]:
+    """(whether the followed forward shows a fusable pattern after ``layer``, a description of what follows)."""
+    kind = _node_kind(seen.consumer.get(id(layer), ""))
+    if kind in _FUSABLE_NODES:
+        return True, "followed by its activation"
+    if kind == "Add":
+        after = _node_kind(seen.after_sum.get(id(layer), ""))
+        if after in _FUSABLE_NODES:
+            return True, "followed by a residual addition and its activation"
+        if after in _AUTOGRAD_ACTIVATIONS:
+            return False, _not_invertible(_AUTOGRAD_ACTIVATIONS[after]).replace("followed by",
+                                                                                 "its residual sum is followed by")
+        return False, "no activation after the residual addition: nothing to gain (the fused layer would keep r)"
+    if kind in _AUTOGRAD_ACTIVATIONS:
+        return False, _not_invertible(_AUTOGRAD_ACTIVATIONS[kind])
+    if not kind:
+        return False, "its output is not used by a differentiable operation"
+    return False, f"its output goes into {kind}, not an activation"
 
 
 def _build(model: nn.Module, example_inputs: Any) -> _Built:
@@ -1263,9 +1330,13 @@ def _build(model: nn.Module, example_inputs: Any) -> _Built:
             continue
         if id(m) not in static:
             reason, is_block = static_reason.get(id(m), ("no pattern found", False))
-            if is_block and seen.consumer.get(id(m), "").startswith(("AddBackward", "ReluBackward",
-                                                                     "LeakyReluBackward")):
-                warned.append(f"`{names[id(m)]}` ({reason})")
+            if is_block:
+                # The block could not be analysed: what the followed forward saw says whether that matters.
+                fusable, observed = _observed_pattern(seen, m)
+                if fusable:
+                    warned.append(f"`{names[id(m)]}` ({reason})")
+                else:
+                    reason = observed
             if seen.calls[id(m)] == 0:
                 reason = "it is not called in the example forward"
             unfused(m, reason)
@@ -1372,7 +1443,7 @@ def _build(model: nn.Module, example_inputs: Any) -> _Built:
                            f"nothing to gain")
     for m in candidates:
         if id(m) not in rows and id(m) not in paired:
-            unfused(m, _describe_consumer(seen.consumer.get(id(m), "")))
+            unfused(m, _observed_pattern(seen, m)[1])
     return _finish(model, norms, rows, names, seen.pairs, rewrites, warned)
 
 
@@ -1421,7 +1492,8 @@ def _finish(model: nn.Module, norms: list[nn.Module], rows: dict[int, tuple[str,
     for m in norms:
         pattern, fused, detail = rows.get(id(m), (NO_PATTERN, False, "not analysed"))
         table.append(FusionRow(names[id(m)], type(m).__name__, pattern, fused, detail))
-    blocks = tuple(names[id(module)] for module, _ in rewrites if not isinstance(module, _BatchNorm))
+    rewritten = {id(m): m for m in rewritten_modules(model)} | {id(m): m for m, _ in rewrites}
+    blocks = tuple(names[i] for i, m in rewritten.items() if not isinstance(m, _BatchNorm))
     return _Built(FusionPlan(tuple(table), blocks), replacements, rewrites, warned)
 
 
