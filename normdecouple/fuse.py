@@ -129,6 +129,7 @@ BN_ACT = "bn → act"
 BN_ADD_ACT = "bn → add → act"
 BN_ACT_LAYER = "BatchNormAct"
 RESIDUAL_OPERAND = "residual operand"
+BN_KEPT = "bn, output kept"
 NO_PATTERN = "—"
 
 
@@ -855,6 +856,8 @@ class _Observation:
     consumer: dict[int, str]  # id(layer) -> the autograd node consuming its output (its first call)
     sum_single_use: dict[int, bool]  # id(layer) -> where that consumer is an addition: its result has one use
     after_sum: dict[int, str]  # id(layer) -> the autograd node consuming that sum (when it has one use)
+    kept_by_others: dict[int, bool]  # id(layer) -> every call's output is saved for backward by a later operation
+    # and not modified in place afterwards
     residual_of: dict[int, int]  # id(layer) -> id(layer2): layer's output is the other operand of layer2's sum
 
 
@@ -901,16 +904,39 @@ def _observe(root: nn.Module, example_inputs: tuple, restore: _Restore) -> _Obse
         first, before = pending.pop(id(module), (None, None))
         act_calls.append((module, first, before, output.grad_fn if isinstance(output, Tensor) else None))
 
-    handles = [m.register_forward_hook(after_layer) for m in layers]
+    # Storages saved for backward by operations other than our layers' own: a layer whose output is among them
+    # gains from fusing with the identity (it then keeps that output instead of its input).
+    saved_elsewhere: set[int] = set()
+    inside: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:
+        if not inside:
+            saved_elsewhere.add(t.untyped_storage().data_ptr())
+        return t
+
+    def enter_layer(module: nn.Module, args: tuple) -> None:
+        inside.append(id(module))
+
+    def leave_layer(module: nn.Module, args: tuple, output: Any) -> None:
+        inside.pop()
+        after_layer(module, args, output)
+
+    handles = [m.register_forward_pre_hook(enter_layer) for m in layers]
+    handles += [m.register_forward_hook(leave_layer, always_call=True) for m in layers]
     handles += [m.register_forward_pre_hook(before_act) for m in acts]
     handles += [m.register_forward_hook(after_act) for m in acts]
     try:
-        with torch.random.fork_rng(devices=_devices(example_inputs)), torch.enable_grad():
+        with torch.random.fork_rng(devices=_devices(example_inputs)), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outputs = root(*_with_grad(example_inputs))
     finally:
         for handle in handles:
             handle.remove()
         restore.restore()
+    kept_by_others: dict[int, bool] = {}
+    for layer, output, _, _, version in layer_calls:
+        kept = output._version == version and output.untyped_storage().data_ptr() in saved_elsewhere
+        kept_by_others[id(layer)] = kept_by_others.get(id(layer), True) and kept
 
     # Consumers of every node output in the graph of the model's outputs; the outputs themselves count as uses.
     uses: Counter = Counter()
@@ -994,7 +1020,7 @@ def _observe(root: nn.Module, example_inputs: tuple, restore: _Restore) -> _Obse
                 if first is output:
                     blocked.add(id(act))
     pairs = [(layer, act) for layer, act in pairs if id(act) not in blocked]
-    return _Observation(pairs, calls, single_use, consumer, sum_single_use, after_sum, residual_of)
+    return _Observation(pairs, calls, single_use, consumer, sum_single_use, after_sum, kept_by_others, residual_of)
 
 
 def _capture(root: nn.Module, example_inputs: tuple, modules: list[nn.Module],
@@ -1159,8 +1185,11 @@ class FusionPlan:
         if self.blocks:
             text += f" with {len(self.blocks)} rewritten forwards"
         if unfused:
-            text += "; not fused: " + ", ".join(
-                f"{n} {'other' if p == NO_PATTERN else p}" for p, n in unfused.most_common())
+            text += "; not fused: " + ", ".join(f"{n} {p}" for p, n in unfused.most_common() if p != NO_PATTERN)
+            others = Counter(_short(row.detail) for row in self.rows if not row.fused and row.pattern == NO_PATTERN)
+            if others:
+                text += (", " if len(unfused) > 1 else "") + f"{sum(others.values())} other (" + ", ".join(
+                    f"{n}: {reason}" for reason, n in others.most_common(2)) + (", ..." if len(others) > 2 else "") + ")"
         return text
 
     def __str__(self) -> str:
@@ -1172,6 +1201,13 @@ class FusionPlan:
                  for row in table]
         lines.insert(1, "-" * min(120, sum(widths) + 8 + len("detail")))
         return "\n".join(lines + [self.summary()])
+
+
+def _short(detail: str) -> str:
+    """The first clause of a row's detail, to group reasons in the summary."""
+    for stop in (" (", ", ", ": ", "; "):
+        detail = detail.split(stop)[0]
+    return detail
 
 
 @dataclass
@@ -1251,7 +1287,8 @@ def _build(model: nn.Module, example_inputs: Any) -> _Built:
         if not isinstance(m, LpBatchNorm):
             unfused(m, "torch's BatchNorm: convert it with normdecouple.convert_batchnorm first")
         elif cls in _PLAIN_CLASS:
-            rows[id(m)] = (BN_ACT, True, "a fused layer already")
+            rows[id(m)] = (BN_KEPT if m.activation == "identity" else BN_ACT, True,
+                           f"a fused layer already ({m.activation})")
         elif vars(cls).get("_user_class") is not None:
             proof = _prove_layer(m) if example_inputs is not None else "needs example_inputs"
             if isinstance(proof, str):
@@ -1404,15 +1441,44 @@ def _build(model: nn.Module, example_inputs: Any) -> _Built:
     # BatchNormAct subclasses that apply a fusable activation themselves.
     for m in norms:
         proof = proofs.get(id(m))
-        if proof is None or proof.spec is None:
-            if proof is not None and id(m) not in rows:
-                unfused(m, "its activation is the identity: nothing to gain alone", BN_ACT_LAYER)
+        if proof is not None and proof.spec is not None:
+            rewrites.append((m, _layer_rewrite(m, proof.spec, proof.checks, BN_ACT_LAYER)))
+            rows[id(m)] = (BN_ACT_LAYER, True, f"its own forward rewritten ({proof.spec[0]})")
+
+    # Fused with the identity: a layer whose output is kept for the backward anyway (by the next layer, or as
+    # the residual of a layer fused above) then keeps that output instead of its input.
+    def residual_targets(done: list[tuple[nn.Module, RewrittenForward]]) -> set[int]:
+        return {id(module.get_submodule(path)) for module, rewrite in done for path, pattern in rewrite.fusions
+                if pattern == BN_ADD_ACT}
+
+    targets = residual_targets(rewrites)
+    identity: dict[int, nn.Module] = {}
+    identity_why: dict[int, str] = {}
+    for m in norms:
+        if (id(m) in rows and rows[id(m)][1]) or id(m) in paired:
             continue
-        source = (f"def forward(self, {_input_name(m)}):\n"
-                  f"    return _fused_call(self, {_input_name(m)}, None, {proof.spec[0]!r}, {proof.spec[1]!r})\n")
-        rewrite = RewrittenForward(m, source, {"_fused_call": _fused_call}, proof.checks, (("", BN_ACT_LAYER),))
-        rewrites.append((m, rewrite))
-        rows[id(m)] = (BN_ACT_LAYER, True, f"its own forward rewritten ({proof.spec[0]})")
+        operand = seen.residual_of.get(id(m)) in targets
+        if not (operand or seen.kept_by_others.get(id(m), False)):
+            continue
+        obstacle = _identity_obstacle(m, seen, proofs, operand)
+        if obstacle:
+            if operand:
+                rows[id(m)] = (RESIDUAL_OPERAND, False, f"its output is the residual of "
+                               f"`{names[seen.residual_of[id(m)]]}`, but {obstacle}")
+            continue
+        identity_why[id(m)] = "operand" if operand else "kept"
+        if type(m) in _FUSED_CLASS:
+            identity[id(m)] = m
+        else:
+            pattern = RESIDUAL_OPERAND if operand else BN_KEPT
+            rewrites.append((m, _layer_rewrite(m, ("identity", 0.01), proofs[id(m)].checks, pattern)))
+        if operand:
+            rows[id(m)] = (RESIDUAL_OPERAND, True, f"fused with the identity: its output is the residual that "
+                                                   f"`{names[seen.residual_of[id(m)]]}` keeps, so it keeps no input")
+        else:
+            after = _node_kind(seen.consumer.get(id(m), "")) or "a later operation"
+            rows[id(m)] = (BN_KEPT, True, f"fused with the identity: {after} keeps its output for the backward "
+                                          f"anyway, so it keeps no input")
 
     # Verify every rewrite on the example.
     if rewrites:
@@ -1431,20 +1497,56 @@ def _build(model: nn.Module, example_inputs: Any) -> _Built:
                 pattern = rows[id(layer)][0]
                 rows[id(layer)] = (pattern, False, f"its block `{where}`: {reason}")
                 warned.append(f"`{names[id(layer)]}` (its block `{where}`: {reason})")
+                identity_why.pop(id(layer), None)
         rewrites = kept
+        # A residual sum whose block could not be rewritten keeps nothing: its other operand gains nothing.
+        targets = residual_targets(rewrites)
+        for m in norms:
+            if identity_why.get(id(m)) == "operand" and seen.residual_of.get(id(m)) not in targets:
+                identity.pop(id(m), None)
+                rewrites = [(module, rewrite) for module, rewrite in rewrites if module is not m]
+                rows[id(m)] = (RESIDUAL_OPERAND, False, f"its output is the residual of "
+                               f"`{names[seen.residual_of[id(m)]]}`, which does not fuse: nothing to gain")
 
-    # The other operand of a fused residual sum.
-    fused_ids = {id(m) for m, row in ((m, rows.get(id(m))) for m in norms) if row and row[1]}
+    # Layers fused with the identity by an earlier fuse_activations: say which are residual operands.
     for m in norms:
         target = seen.residual_of.get(id(m))
-        if target in fused_ids and id(m) not in fused_ids and rows.get(id(m), (None,))[0] in (None, NO_PATTERN):
-            rows[id(m)] = (RESIDUAL_OPERAND, False,
-                           f"its output is the residual of `{names[target]}`, which the fused layer keeps: "
-                           f"nothing to gain")
+        if type(m) in _PLAIN_CLASS and m.activation == "identity" and target is not None and rows.get(target, ("",))[
+                0] == BN_ADD_ACT and rows[target][1]:
+            rows[id(m)] = (RESIDUAL_OPERAND, True, f"a fused layer already (identity), the residual of "
+                                                   f"`{names[target]}`")
+
+    # The other operand of a fused residual sum that is not fused itself.
+    for m in norms:
+        target = seen.residual_of.get(id(m))
+        if target in targets and rows.get(id(m), (None,))[0] in (None, NO_PATTERN):
+            rows[id(m)] = (RESIDUAL_OPERAND, False, f"its output is the residual of `{names[target]}`")
     for m in candidates:
         if id(m) not in rows and id(m) not in paired:
             unfused(m, _observed_pattern(seen, m)[1])
-    return _finish(model, norms, rows, names, seen.pairs, rewrites, warned)
+    return _finish(model, norms, rows, names, seen.pairs, rewrites, warned, list(identity.values()))
+
+
+def _layer_rewrite(layer: nn.Module, spec: tuple[str, float], checks: tuple[_Check, ...],
+                   pattern: str) -> RewrittenForward:
+    """The forward of a proven BatchNorm subclass as one fused call with ``spec``'s activation."""
+    name = _input_name(layer)
+    source = (f"def forward(self, {name}):\n"
+              f"    return _fused_call(self, {name}, None, {spec[0]!r}, {spec[1]!r})\n")
+    return RewrittenForward(layer, source, {"_fused_call": _fused_call}, checks, (("", pattern),))
+
+
+def _identity_obstacle(layer: nn.Module, seen: _Observation, proofs: dict[int, _Proof], operand: bool) -> str:
+    """Why ``layer`` cannot be fused with the identity ("" if it can)."""
+    if type(layer) not in _FUSED_CLASS and not (id(layer) in proofs and proofs[id(layer)].spec is None):
+        return f"{type(layer).__name__} has no fused form"
+    if _has_hooks(layer):
+        return "it has hooks"
+    if seen.calls[id(layer)] != 1:
+        return f"it is called {seen.calls[id(layer)]} times in one forward"
+    if operand and not seen.single_use.get(id(layer), False):
+        return "its output has another use"
+    return ""
 
 
 def _input_name(layer: nn.Module) -> str:
@@ -1474,17 +1576,12 @@ def _checks_of(block: nn.Module, graph: Graph, matches: list[_Match], inline: fr
 
 def _finish(model: nn.Module, norms: list[nn.Module], rows: dict[int, tuple[str, bool, str]], names: dict[int, str],
             pairs: list[tuple[nn.Module, nn.Module]], rewrites: list[tuple[nn.Module, RewrittenForward]],
-            warned: list[str]) -> _Built:
+            warned: list[str], identity: list[nn.Module] = ()) -> _Built:
     replacements: dict[int, nn.Module] = {}
+    for layer in identity:
+        replacements[id(layer)] = _fused_layer(layer, "identity", 0.01)
     for layer, act in pairs:
-        activation, slope = _activation_of(act)
-        kwargs: dict[str, Any] = {"activation": activation, "negative_slope": slope,
-                                  "low_precision": layer.low_precision, "backend": layer.backend}
-        if hasattr(layer, "k"):
-            kwargs["k"] = layer.k
-        fused = transplant_state(layer, blank_like(_FUSED_CLASS[type(layer)], layer, **kwargs))
-        fused.__dict__["_fused_from"] = type(layer)
-        replacements[id(layer)] = fused
+        replacements[id(layer)] = _fused_layer(layer, *_activation_of(act))
         if id(act) not in replacements:
             replacements[id(act)] = FusedActivation(act)
         rows[id(layer)] = (BN_ACT, True, f"its activation `{names[id(act)]}` becomes an identity")
@@ -1495,6 +1592,17 @@ def _finish(model: nn.Module, norms: list[nn.Module], rows: dict[int, tuple[str,
     rewritten = {id(m): m for m in rewritten_modules(model)} | {id(m): m for m, _ in rewrites}
     blocks = tuple(names[i] for i, m in rewritten.items() if not isinstance(m, _BatchNorm))
     return _Built(FusionPlan(tuple(table), blocks), replacements, rewrites, warned)
+
+
+def _fused_layer(layer: LpBatchNorm, activation: str, negative_slope: float) -> LpBatchNorm:
+    """The fused layer holding ``layer``'s state (the same Parameter objects and buffers), not put in place."""
+    kwargs: dict[str, Any] = {"activation": activation, "negative_slope": negative_slope,
+                              "low_precision": layer.low_precision, "backend": layer.backend}
+    if hasattr(layer, "k"):
+        kwargs["k"] = layer.k
+    fused = transplant_state(layer, blank_like(_FUSED_CLASS[type(layer)], layer, **kwargs))
+    fused.__dict__["_fused_from"] = type(layer)
+    return fused
 
 
 def _sequential_pairs(root: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
