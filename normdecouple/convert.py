@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from . import functional as F_nd
+from . import fuse
 from .batchnorm import (
     L1BatchNorm1d,
     L1BatchNorm2d,
@@ -50,7 +51,6 @@ from .batchnorm import (
     LinfBatchNormNd,
     LpBatchNorm,
 )
-from . import fuse
 from ._transplant import blank_like, transplant_state
 from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm
 from .functional import NORMS, validate_backend, validate_k
@@ -311,14 +311,20 @@ def convert_batchnorm(
         subclasses: what to do with subclasses of torch's BatchNorm classes: ``"convert"`` (as above),
             ``"warn"`` (leave them as they are, with a warning naming each), or ``"error"``. Default:
             ``"convert"``.
-        fuse_activation: also fuse each converted layer whose output goes only into a ``ReLU``/``LeakyReLU``
-            module with that activation (``L1BatchNormAct*d``/``LinfBatchNormAct*d``, which save their output
-            instead of their input: see :func:`normdecouple.fuse.fuse_activations` for which pairs qualify); the
-            activation becomes an identity only when it has no other use. ``revert_batchnorm`` undoes it.
-            Default: ``False``.
-        example_inputs: with ``fuse_activation``, inputs of one forward (a tensor or a tuple) used to find
-            pairs beyond ``nn.Sequential`` adjacency (e.g. a module calling ``self.bn`` then ``self.act``); the
-            buffers are restored after it. Default: ``None`` (``nn.Sequential`` adjacency only).
+        fuse_activation: also fuse the converted layers with what follows them, as
+            :func:`normdecouple.fuse.fuse_activations` does (its module docstring says which patterns and how):
+            a layer followed only by its own ``ReLU``/``LeakyReLU`` module becomes ``L1BatchNormAct*d``/
+            ``LinfBatchNormAct*d`` (which save their output instead of their input) and the activation an
+            identity; with ``example_inputs``, also ``bn -> add(., r) -> act`` and ``bn -> act`` inside a block's
+            forward (the block's forward is rewritten, its class, children, names, parameters and hooks kept),
+            timm-style ``BatchNormAct2d`` subclasses, and layers whose output the next operation keeps anyway
+            (fused with the identity). The plan's one-line summary is logged at INFO on the
+            ``normdecouple.fuse`` logger; :func:`normdecouple.fuse.fusion_plan` gives the whole table.
+            ``revert_batchnorm`` undoes it. Default: ``False``.
+        example_inputs: with ``fuse_activation``, inputs of the followed forwards (a tensor or a tuple) used to
+            find the patterns beyond ``nn.Sequential`` adjacency and to check every rewritten forward against the
+            original; buffers and random number generators are restored after them. Default: ``None``
+            (``nn.Sequential`` adjacency only).
         **norm_kwargs: extra arguments of the norm's layers: ``k`` for ``"linf"``.
 
     Returns:

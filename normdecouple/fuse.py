@@ -6,7 +6,7 @@ changing what the model computes, and undoes it exactly.
 
 :func:`fusion_plan` says what would fuse and why not (one row per BatchNorm, changing nothing);
 :func:`fuse_activations` (called by ``convert_batchnorm(..., fuse_activation=True)``) applies the same plan;
-:func:`unfuse_activations` and ``revert_batchnorm`` undo it. Three ways to fuse, tried in this order:
+:func:`unfuse_activations` and ``revert_batchnorm`` undo it. Four ways to fuse, tried in this order:
 
 * **A BatchNorm whose output goes only into its own ReLU/LeakyReLU module** becomes the matching fused layer
   (same ``Parameter`` objects, buffers, settings), and the activation a :class:`FusedActivation` (an
@@ -28,6 +28,11 @@ changing what the model computes, and undoes it exactly.
   takes the layer's own statistics, parameters, mode, momentum and eps; the dropout is ``nn.Identity`` or
   ``nn.Dropout(p=0)``; nothing else touches the data), gets the same kind of rewritten forward. With an
   ``nn.Identity`` activation it counts as a plain BatchNorm for the block patterns above.
+* **A BatchNorm whose output is kept for the backward anyway**, with example inputs: by the operation after it
+  (a convolution keeps its input, ReLU6 its input), as seen in the followed forward, or as the residual ``r``
+  that a fused block keeps (the downsampling BatchNorm of a ResNet block). Fused with the identity (the fused
+  layer, or a rewritten forward for a proven subclass), it keeps that same output instead of its own input:
+  the same values, one activation-sized tensor less. Not when its output is modified in place later.
 
 **Never silently wrong.** A block is rewritten only if: its trace is the same in training and eval mode and
 leaves its attributes and tensors as they were; the BatchNorm is called once in the followed forward and its
@@ -41,10 +46,10 @@ forward (reads of globals, ``torch.no_grad()`` regions whose effect the example 
 this proof: fuse such blocks by hand instead.
 
 Never fused: layers or activations with hooks, synchronised layers, our layers' own subclasses, parametrized
-layers, ``LeakyReLU`` with a slope <= 0, activations other than ReLU/LeakyReLU (ReLU6, SiLU, GELU, ...: their
-input cannot be recovered from their output where it matters, or the fused layers do not implement them), the
-BatchNorm whose output is the other operand ``r`` of a fused addition (the fused layer keeps ``r``: nothing to
-gain).
+layers, ``LeakyReLU`` with a slope <= 0, activations other than ReLU/LeakyReLU (ReLU6, SiLU, GELU, ...: the
+fused layers do not implement them; the BatchNorm before them still fuses with the identity where the activation
+keeps its input), a residual sum with no activation after it (the fused layer would keep ``r`` as well: nothing
+to gain).
 
 Everything is planned and built before the model is touched (all or nothing); buffers and the random number
 generators are restored after the followed forwards.
@@ -622,8 +627,7 @@ def _match(graph: Graph, block: nn.Module, target: str) -> _Match | str:
     add = node
     users = list(add.users)
     if len(users) != 1:
-        return (f"the sum has {len(users)} uses" if users else "the sum has no use") + (
-            " (no activation after the residual addition: nothing to gain)" if len(users) != 1 else "")
+        return f"the sum has {len(users)} uses" if users else "the sum has no use"
     act = users[0]
     if act.op == "output":
         return "no activation after the residual addition: nothing to gain (the fused layer would keep r)"
@@ -1288,7 +1292,7 @@ def _build(model: nn.Module, example_inputs: Any) -> _Built:
             unfused(m, "torch's BatchNorm: convert it with normdecouple.convert_batchnorm first")
         elif cls in _PLAIN_CLASS:
             rows[id(m)] = (BN_KEPT if m.activation == "identity" else BN_ACT, True,
-                           f"a fused layer already ({m.activation})")
+                           f"a fused layer (activation={m.activation!r})")
         elif vars(cls).get("_user_class") is not None:
             proof = _prove_layer(m) if example_inputs is not None else "needs example_inputs"
             if isinstance(proof, str):
@@ -1513,7 +1517,7 @@ def _build(model: nn.Module, example_inputs: Any) -> _Built:
         target = seen.residual_of.get(id(m))
         if type(m) in _PLAIN_CLASS and m.activation == "identity" and target is not None and rows.get(target, ("",))[
                 0] == BN_ADD_ACT and rows[target][1]:
-            rows[id(m)] = (RESIDUAL_OPERAND, True, f"a fused layer already (identity), the residual of "
+            rows[id(m)] = (RESIDUAL_OPERAND, True, f"a fused layer (activation='identity'), the residual of "
                                                    f"`{names[target]}`")
 
     # The other operand of a fused residual sum that is not fused itself.

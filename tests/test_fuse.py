@@ -627,3 +627,74 @@ def test_fuse_does_not_import_convert():
         tree = ast.parse(pathlib.Path(module.__file__).read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert "convert" not in imported and not any(name and name.endswith(".convert") for name in imported)
+
+
+class _ConvAfterNorm(nn.Module):
+    """bn1's output goes into a convolution (which keeps it); bn2's output is changed in place afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1 = nd.L1BatchNorm2d(3, dtype=torch.float64)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, dtype=torch.float64)
+        self.bn2 = nd.L1BatchNorm2d(3, dtype=torch.float64)
+
+    def forward(self, x):
+        y = self.bn2(self.conv(self.bn1(x)))
+        return y.mul_(2)
+
+
+def test_a_layer_whose_output_is_kept_anyway_fuses_with_the_identity():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    model = _ConvAfterNorm()
+    plan = fusion_plan(model, x)
+    assert plan["bn1"].fused and plan["bn1"].pattern == "bn, output kept" and "Convolution" in plan["bn1"].detail
+    # bn2's output is modified in place: the fused layer would have saved a tensor that changes afterwards.
+    assert not plan["bn2"].fused
+    reference = copy.deepcopy(model)
+    nd.fuse.fuse_activations(model, x)
+    assert type(model.bn1) is nd.L1BatchNormAct2d and model.bn1.activation == "identity"
+    for (y1, g1), (y2, g2) in zip(_train_and_grads(model, x), _train_and_grads(reference, x)):
+        torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # What autograd keeps: bn1 no longer keeps its input, only its output, which the convolution keeps anyway.
+    assert _saved_storages(model, x) < _saved_storages(reference, x)
+
+
+def _saved_storages(model, x):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x.clone().requires_grad_())
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def test_scale_invariant_parameters_see_through_rewritten_blocks():
+    # The analysis hooks every BatchNorm: rewritten blocks then run their own forward, so it sees the same model.
+    x = torch.randn(4, 8, 9, 9, dtype=torch.float64)
+    net = lambda: nn.Sequential(_torchvision_net(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # noqa: E731
+                                nn.Linear(16, 3, dtype=torch.float64))
+    fused, reference, _ = _assert_fused_like_unfused(net, x)
+    expected = nd.scale_invariant_parameters(reference, x)
+    assert "0.0.conv3.weight" in expected and "0.0.downsample.0.weight" in expected
+    assert nd.scale_invariant_parameters(fused, x) == expected
+    assert all(vars(block)["forward"].intact() for block in fused[0])
+
+
+def test_readme_memory_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Memory: BatchNorm + activation"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    table = capsys.readouterr().out
+    assert "fused 5 of 5 BatchNorm layers" in table, table
+    assert type(namespace["model"][3].bn2) is nn.BatchNorm2d and "forward" not in vars(namespace["model"][3])
