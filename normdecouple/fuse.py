@@ -34,16 +34,18 @@ changing what the model computes, and undoes it exactly.
   layer, or a rewritten forward for a proven subclass), it keeps that same output instead of its own input:
   the same values, one activation-sized tensor less. Not when its output is modified in place later.
 
-**Never silently wrong.** A block is rewritten only if: its trace is the same in training and eval mode and
-leaves its attributes and tensors as they were; the BatchNorm is called once in the followed forward and its
-output (and the sum) has no other use there; moving the BatchNorm to the addition cannot change its input (no
-operation in between may write to it); the modules whose calls the rewrite skips (the BatchNorm, the activation
-module, identities, inlined containers) have no hooks; and on the example the rewritten forward gives the
-original's outputs (same dtype, values within rounding, the same tensors reached by autograd). Every call then
-checks that those modules still have no hooks and the same classes (and no global module hooks exist); if not,
-the block runs its own forward (the same values, without the saving). What ``torch.fx`` cannot see in a block's
-forward (reads of globals, ``torch.no_grad()`` regions whose effect the example does not show) is the limit of
-this proof: fuse such blocks by hand instead.
+**Never silently wrong.** A block is rewritten only if: its trace is the same in training and eval mode, switches
+no grad, inference or autocast mode while tracing (``torch.fx`` would drop a ``torch.no_grad()`` region) and
+leaves its attributes and tensors as they were; ``a += b`` is traced as the in-place operation it is; the
+BatchNorm is called once in the followed forward and its output (and the sum) has no other use there; moving
+the BatchNorm to the addition cannot change its input (no operation in between may write to it); the modules
+whose calls the rewrite skips (the BatchNorm, the activation module, identities, inlined containers) have no
+hooks; and on the example the rewritten forward gives the original's outputs (same structure, dtype, shape,
+values within rounding) and gradients (with respect to its inputs and the block's parameters, within the
+fused backward's rounding). Every call then checks that those modules still have no hooks and the same classes
+(and that no global module hooks exist); if not, the block runs its own forward (the same values, without the
+saving). Python state that ``torch.fx`` reads once while tracing (a global flag, an attribute changed later by
+the user) is the limit of this proof: fuse such blocks by hand instead.
 
 Never fused: layers or activations with hooks, synchronised layers, our layers' own subclasses, parametrized
 layers, ``LeakyReLU`` with a slope <= 0, activations other than ReLU/LeakyReLU (ReLU6, SiLU, GELU, ...: the
