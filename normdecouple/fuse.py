@@ -71,8 +71,8 @@ import operator
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +203,9 @@ class FusedActivation(nn.Identity):
 
     The original module is kept outside the module tree (no submodule, no state), so the ``state_dict`` keys and
     ``named_modules`` of the model are those of an ``nn.Identity``; :func:`unfuse_activations` puts it back.
+
+    Args:
+        original: the activation module it replaces.
     """
 
     def __init__(self, original: nn.Module) -> None:
@@ -255,10 +258,12 @@ class RewrittenForward:
     It refers to its module, so it is never carried over to another object by the converters, and it is
     rebuilt from its source when copied or unpickled.
 
-    Attributes:
+    Args:
         module: the block (or layer) it belongs to.
+        source: the Python source of the rewritten forward (``def forward(self, ...)``).
+        globals_: the names that source refers to.
+        checks: the modules whose calls it skips, relative to ``module``, with their planned classes.
         fusions: ``(path, pattern)`` of each BatchNorm it fuses (the path relative to ``module``).
-        source: the Python source of the rewritten forward.
     """
 
     def __init__(self, module: nn.Module, source: str, globals_: dict[str, Any], checks: tuple[_Check, ...],
@@ -271,7 +276,12 @@ class RewrittenForward:
         self._fn = _compile(source, globals_, type(module).__qualname__)
 
     def intact(self) -> bool:
-        """Whether the skipped modules are as planned (else the module's own forward runs)."""
+        """Whether the skipped modules are as planned.
+
+        Returns:
+            True when the rewritten code runs; False when the module's own forward runs instead (a skipped
+            module has hooks or another class, or global module hooks exist).
+        """
         if _global_hooks():
             return False
         for check in self._checks:
@@ -288,8 +298,8 @@ class RewrittenForward:
             return self._fn(self.module, *args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
 
-    def run_rewritten(self, *args: Any, **kwargs: Any) -> Any:
-        """The rewritten code itself, without the check (used to verify it against the original)."""
+    def _run_rewritten(self, *args: Any, **kwargs: Any) -> Any:
+        # The rewritten code itself, without the check: what _verify compares with the original.
         return self._fn(self.module, *args, **kwargs)
 
     def __repr__(self) -> str:
@@ -1091,7 +1101,7 @@ def _verify(module: nn.Module, rewrite: RewrittenForward, arguments: tuple[tuple
     expected, expected_grads = _run_with_grads(lambda *a, **k: type(module).forward(module, *a, **k), module,
                                                arguments, example_inputs, restore)
     try:
-        got, got_grads = _run_with_grads(rewrite.run_rewritten, module, arguments, example_inputs, restore)
+        got, got_grads = _run_with_grads(rewrite._run_rewritten, module, arguments, example_inputs, restore)
     except Exception as error:
         return f"its rewritten forward fails on the example ({_first_line(error)})"
     flat_expected, spec_expected = tree_flatten(expected)
@@ -1132,16 +1142,16 @@ def _verify(module: nn.Module, rewrite: RewrittenForward, arguments: tuple[tuple
 # The plan.
 
 
-@dataclass(frozen=True)
-class FusionRow:
-    """One BatchNorm of the model in a :class:`FusionPlan`.
+class FusionRow(NamedTuple):
+    """One BatchNorm of the model in a :class:`FusionPlan` (a named tuple).
 
     Attributes:
         path: its qualified name in the model (the first one if it is registered in several places).
         layer: its class name.
         pattern: what follows it: ``"bn → act"``, ``"bn → add → act"``, ``"BatchNormAct"`` (a subclass whose
             forward applies the activation), ``"residual operand"`` (its output is the ``r`` of a fused sum),
-            ``"—"`` (none of these).
+            ``"bn, output kept"`` (the next operation keeps its output for the backward anyway), ``"—"`` (none
+            of these).
         fused: whether it is (or would be) fused.
         detail: how it fuses, or why not.
     """
@@ -1153,16 +1163,27 @@ class FusionRow:
     detail: str
 
 
-@dataclass(frozen=True)
 class FusionPlan:
     """What :func:`fuse_activations` does to a model: one :class:`FusionRow` per BatchNorm, in module order.
 
     ``str(plan)`` is a table; :meth:`summary` is the one line that ``convert_batchnorm(...,
     fuse_activation=True)`` logs. Iterating yields the rows; ``plan["layer1.0.bn3"]`` is the row of one path.
+    Built by :func:`fusion_plan`.
+
+    Args:
+        rows: one row per BatchNorm.
+        blocks: the paths of the modules whose forward is (or would be) rewritten. Default: ``()``.
     """
 
-    rows: tuple[FusionRow, ...]
-    blocks: tuple[str, ...] = field(default=())  # the modules whose forward is (to be) rewritten
+    def __init__(self, rows: tuple[FusionRow, ...], blocks: tuple[str, ...] = ()) -> None:
+        self.rows = tuple(rows)
+        self.blocks = tuple(blocks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FusionPlan) and (self.rows, self.blocks) == (other.rows, other.blocks)
+
+    def __repr__(self) -> str:
+        return f"FusionPlan({self.summary()!r})"
 
     def __iter__(self) -> Iterator[FusionRow]:
         return iter(self.rows)
@@ -1182,7 +1203,12 @@ class FusionPlan:
         return [row for row in self.rows if row.fused]
 
     def summary(self) -> str:
-        """One line: how many BatchNorms fuse, by pattern, and how many do not, by pattern."""
+        """One line: how many BatchNorms fuse, by pattern, and how many do not, by pattern.
+
+        Returns:
+            The line, e.g. ``"fused 53 of 53 BatchNorm layers (33 bn → act, 16 bn → add → act, 4 residual
+            operand) with 16 rewritten forwards"``.
+        """
         fused = Counter(row.pattern for row in self.rows if row.fused)
         unfused = Counter(row.pattern for row in self.rows if not row.fused)
         text = f"fused {sum(fused.values())} of {len(self.rows)} BatchNorm layers"
@@ -1681,6 +1707,9 @@ def fusable_pairs(model: nn.Module, example_inputs: Any = None) -> list[tuple[st
             ``convert_batchnorm``).
         example_inputs: ``None`` (``nn.Sequential`` adjacency only), a tensor, or a tuple of positional inputs
             for one forward that is followed.
+
+    Returns:
+        ``(layer path, activation path)`` of each pair, in module order.
     """
     names = {id(m): name for name, m in model.named_modules()}
     if example_inputs is None:
@@ -1752,6 +1781,9 @@ def unfuse_activations(model: nn.Module) -> nn.Module:
     Only what :func:`fuse_activations` made is changed: fused layers built directly by the user stay as they are.
     The plain layer holds the same ``Parameter`` objects and buffers; the activation is the very module object
     that was there before fusing; a rewritten block is the same object, without its rewritten ``forward``.
+
+    Args:
+        model: a model fused by :func:`fuse_activations` (or ``convert_batchnorm(..., fuse_activation=True)``).
 
     Returns:
         ``model``, changed in place.
