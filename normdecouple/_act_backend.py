@@ -275,7 +275,9 @@ class LpBatchNormActFunction(torch.autograd.Function):
                     "the fused BatchNorm + activation layer does not keep its input, which a differentiable "
                     "backward (create_graph=True, double backward) needs; build the layer with "
                     "double_backward=True (keeps the input, no memory saving) or use the unfused layer "
-                    "(L1BatchNorm2d/LinfBatchNorm2d followed by the activation)"
+                    "(L1BatchNorm2d/LinfBatchNorm2d followed by the activation); for a model fused by "
+                    "convert_batchnorm(..., fuse_activation=True), call normdecouple.fuse.unfuse_activations(model) "
+                    "before differentiating twice"
                 )
             return _backward_with_graph(ctx, grad_y, x, weight, bias, residual)
         return _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean,

@@ -65,28 +65,8 @@ class _LpBatchNormAct(LpBatchNorm):
         return _act_layer_forward(self, input, residual)
 
     def _forward_impl(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        self._check_input_dim(input)
-        exponential_average_factor = self._momentum_factor()
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return lp_batch_norm_act(
-            input,
-            residual,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-            self.norm,
-            getattr(self, "k", 1),
-            self.low_precision,
-            self.backend,
-            self.activation,
-            self.negative_slope,
-            self.double_backward,
-        )
+        return batch_norm_act_forward(self, input, residual, self.activation, self.negative_slope,
+                                      self.double_backward)
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", activation={self.activation!r}"
@@ -95,6 +75,39 @@ class _LpBatchNormAct(LpBatchNorm):
         if self.double_backward:
             text += ", double_backward=True"
         return text
+
+
+def batch_norm_act_forward(layer: LpBatchNorm, input: Tensor, residual: Tensor | None, activation: str,
+                           negative_slope: float, keep_input: bool) -> Tensor:
+    """``act(BN(input) + residual)`` with ``layer``'s norm, statistics and settings, as the fused layers compute it.
+
+    Shared by the fused layers and by the forwards that :mod:`normdecouple.fuse` rewrites, which call it with a
+    plain ``L1BatchNorm2d``/``LinfBatchNorm2d`` (or a converted subclass proven to be one) and the activation
+    that follows it in the model: ``layer`` is counted in ``num_batches_tracked`` and its running statistics
+    updated exactly as its own forward does.
+    """
+    layer._check_input_dim(input)
+    exponential_average_factor = layer._momentum_factor()
+    bn_training = layer.training or (layer.running_mean is None and layer.running_var is None)
+    track = not layer.training or layer.track_running_stats
+    return lp_batch_norm_act(
+        input,
+        residual,
+        layer.running_mean if track else None,
+        layer.running_var if track else None,
+        layer.weight,
+        layer.bias,
+        bn_training,
+        exponential_average_factor,
+        layer.eps,
+        layer.norm,
+        getattr(layer, "k", 1),
+        layer.low_precision,
+        layer.backend,
+        activation,
+        negative_slope,
+        keep_input,
+    )
 
 
 def _act_layer_forward(layer: _LpBatchNormAct, input: Tensor, residual: Tensor | None) -> Tensor:

@@ -28,7 +28,6 @@ References: arXiv:1803.01814
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from . import functional as F_nd
+from . import fuse
 from .batchnorm import (
     L1BatchNorm1d,
     L1BatchNorm2d,
@@ -51,6 +51,7 @@ from .batchnorm import (
     LinfBatchNormNd,
     LpBatchNorm,
 )
+from ._transplant import blank_like, transplant_state
 from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm
 from .functional import NORMS, validate_backend, validate_k
 from .stats import accumulate_dtype
@@ -92,13 +93,6 @@ _TO_SYNC: dict[type[LpBatchNorm], type[LpBatchNorm]] = {
     SyncLinfBatchNorm: SyncLinfBatchNorm,
 }
 _SYNC_CLASSES = (SyncL1BatchNorm, SyncLinfBatchNorm)
-# Constructor arguments of our layer families: set by the converter from its own arguments, so a source of
-# ours does not carry them over as extra attributes (a reverted torch layer has no `backend`).
-_OWN_ATTRIBUTES = frozenset({"low_precision", "backend", "k", "process_group", "_unsync_class",
-                             # the fused BatchNorm + activation layers' (normdecouple.batchnorm_act, fuse)
-                             "activation", "negative_slope", "double_backward", "_fused_from"})
-# The hook dictionaries every nn.Module owns; moved as objects so the user's handles still remove the hooks.
-_HOOK_ATTRIBUTES = tuple(name for name in vars(nn.Module()) if "hook" in name)
 _TORCH_BASES = (nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _BatchNorm)
 SUBCLASS_MODES = ("convert", "warn", "error")
 
@@ -146,10 +140,6 @@ def _plain_class(module: nn.Module) -> type:
     return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
-def _has_bias(module: _BatchNorm) -> bool:
-    return parametrize.is_parametrized(module, "bias") or module._parameters.get("bias") is not None
-
-
 def _original_dtype(module: nn.Module, name: str) -> torch.dtype | None:
     """dtype of the stored parameter ``name`` (the ``original`` of a parametrization), None if there is none."""
     if parametrize.is_parametrized(module, name):
@@ -157,51 +147,6 @@ def _original_dtype(module: nn.Module, name: str) -> torch.dtype | None:
         return original.dtype if isinstance(original, Tensor) else None
     tensor = module._parameters.get(name)
     return None if tensor is None else tensor.dtype
-
-
-def blank_like(cls: type[_BatchNorm], source: _BatchNorm, **kwargs: Any) -> _BatchNorm:
-    """A ``cls`` layer on the meta device with ``source``'s hyperparameters, to receive its state."""
-    return cls(source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats,
-               device="meta", bias=_has_bias(source) if source.affine else True, **kwargs)
-
-
-def transplant_state(source: _BatchNorm, target: _BatchNorm, stats_dtype: torch.dtype | None = None) -> _BatchNorm:
-    """Move everything ``source`` holds into ``target`` (built by :func:`blank_like`) without changing ``source``.
-
-    Kept as the same objects: the ``Parameter`` objects (optimizers keep them; ``requires_grad``, device and
-    dtype with them), the buffers, the hook dictionaries and the ``parametrizations`` ModuleDict. Kept as
-    values: ``training`` and every instance attribute of the source that ``target`` lacks (``qconfig``, a
-    subclass's own attributes), except, for a source of ours, our constructor arguments
-    (:data:`_OWN_ATTRIBUTES`); attributes both have (the hyperparameters) are ``target``'s. The
-    children are the source's; the caller replaces the converted ones. ``running_mean``/``running_var`` are cast
-    to ``stats_dtype`` when given (new tensors; the source keeps its own).
-    """
-    if parametrize.is_parametrized(source):
-        # register_parametrization gives target the Parametrized class and the properties; the placeholder
-        # list is then replaced by the source's own (same parametrizations, same `original`).
-        for name in source.parametrizations:
-            if name in target._parameters or name in target._buffers:
-                parametrize.register_parametrization(target, name, nn.Identity(), unsafe=True)
-    state = vars(source)
-    mine = vars(target)
-    mine["_parameters"] = OrderedDict(source._parameters)
-    buffers = OrderedDict(source._buffers)
-    for name in ("running_mean", "running_var"):
-        stat = buffers.get(name)
-        if stat is not None and stats_dtype is not None and stat.dtype != stats_dtype:
-            buffers[name] = stat.to(stats_dtype)
-    mine["_buffers"] = buffers
-    mine["_non_persistent_buffers_set"] = set(source._non_persistent_buffers_set)
-    mine["_modules"] = OrderedDict(source._modules)
-    for name in _HOOK_ATTRIBUTES:
-        if name in state:
-            mine[name] = state[name]
-    skip = _OWN_ATTRIBUTES if isinstance(source, LpBatchNorm) else frozenset()
-    for name, value in state.items():
-        if name not in mine and name not in skip:
-            mine[name] = value
-    mine["training"] = source.training
-    return target
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,14 +328,20 @@ def convert_batchnorm(
         subclasses: what to do with subclasses of torch's BatchNorm classes: ``"convert"`` (as above),
             ``"warn"`` (leave them as they are, with a warning naming each), or ``"error"``. Default:
             ``"convert"``.
-        fuse_activation: also fuse each converted layer whose output goes only into a ``ReLU``/``LeakyReLU``
-            module with that activation (``L1BatchNormAct*d``/``LinfBatchNormAct*d``, which save their output
-            instead of their input: see :func:`normdecouple.fuse.fuse_activations` for which pairs qualify); the
-            activation becomes an identity only when it has no other use. ``revert_batchnorm`` undoes it.
-            Default: ``False``.
-        example_inputs: with ``fuse_activation``, inputs of one forward (a tensor or a tuple) used to find
-            pairs beyond ``nn.Sequential`` adjacency (e.g. a module calling ``self.bn`` then ``self.act``); the
-            buffers are restored after it. Default: ``None`` (``nn.Sequential`` adjacency only).
+        fuse_activation: also fuse the converted layers with what follows them, as
+            :func:`normdecouple.fuse.fuse_activations` does (its module docstring says which patterns and how):
+            a layer followed only by its own ``ReLU``/``LeakyReLU`` module becomes ``L1BatchNormAct*d``/
+            ``LinfBatchNormAct*d`` (which save their output instead of their input) and the activation an
+            identity; with ``example_inputs``, also ``bn -> add(., r) -> act`` and ``bn -> act`` inside a block's
+            forward (the block's forward is rewritten, its class, children, names, parameters and hooks kept),
+            timm-style ``BatchNormAct2d`` subclasses, and layers whose output the next operation keeps anyway
+            (fused with the identity). The plan's one-line summary is logged at INFO on the
+            ``normdecouple.fuse`` logger; :func:`normdecouple.fuse.fusion_plan` gives the whole table.
+            ``revert_batchnorm`` undoes it. Default: ``False``.
+        example_inputs: with ``fuse_activation``, inputs of the followed forwards (a tensor or a tuple) used to
+            find the patterns beyond ``nn.Sequential`` adjacency and to check every rewritten forward against the
+            original; buffers and random number generators are restored after them. Default: ``None``
+            (``nn.Sequential`` adjacency only).
         **norm_kwargs: extra arguments of the norm's layers: ``k`` for ``"linf"``.
 
     Returns:
@@ -498,10 +449,8 @@ def convert_batchnorm(
     undo: list[tuple[dict, str, nn.Module]] = []
     converted = _replace_all(module, decide, undo)
     if fuse_activation:
-        from .fuse import fuse_activations
-
         try:
-            converted = fuse_activations(converted, example_inputs)
+            fuse.apply_plan(converted, example_inputs)
         except BaseException:
             # fuse_activations changes nothing when it fails: restoring the children undoes the conversion.
             for children, name, child in reversed(undo):
@@ -563,10 +512,8 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
     References: arXiv:1803.01814
     """
 
-    from .fuse import FusedActivation
-
     def decide(path: str, source: nn.Module) -> nn.Module | None:
-        if isinstance(source, FusedActivation):
+        if isinstance(source, fuse.FusedActivation):
             return source.original
         if not isinstance(source, LpBatchNorm):
             return None
@@ -590,7 +537,12 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
         target.__class__ = user_class
         return transplant_state(source, target, stats_dtype)
 
-    return _replace_all(module, decide)
+    # Rewritten forwards (normdecouple.fuse) go once every layer is reverted: blocks keep their own objects; a
+    # rewritten layer's new torch layer never carries its forward (transplant_state leaves it behind).
+    rewritten = fuse.rewritten_modules(module)
+    reverted = _replace_all(module, decide)
+    fuse.remove_rewrites(rewritten)
+    return reverted
 
 
 def _narrowed_stats_dtype(path: str, source: LpBatchNorm) -> torch.dtype | None:

@@ -174,9 +174,6 @@ ALLOWLIST: dict[str, str] = {
     "normdecouple.bounded_weight_norm": "Raises misses TypeError",
     "normdecouple.WeightNormProjection": "state_dict: no Returns; load_state_dict: no Args",
     "normdecouple.NormScaledLR": "state_dict: no Returns; load_state_dict: no Args",
-    "normdecouple.fuse.FusedActivation": "no Args section (the constructor's original module)",
-    "normdecouple.fuse.unfuse_activations": "no Args section",
-    "normdecouple.fuse.fusable_pairs": "no Returns section",
     "lightning_callbacks.WeightNormProjection": "scale_radius: no Args section",
 }
 
