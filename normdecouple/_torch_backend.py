@@ -126,7 +126,7 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     acc = accumulate_dtype(x.dtype)
     channels_last = is_channels_last(x)
     view = canonical(x, channels_last)
-    threshold = top = centred = None
+    threshold = top = None
     if not lowp:
         mean = channel_sums(view, acc) / n
         if norm is Norm.L1:
@@ -139,8 +139,11 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
         # The transposed copy is the (n, C, 1) view of a channels_last input: L∞'s candidates from its blocks.
         top = linf_top_of_input(rows[:, :, None], mean, k, TOPK_SPARE)
         del rows
-    # Low precision normalises d = x - mean elementwise: computed once, for L∞'s |d| and for y.
-    dev = view - mean[:, None] if lowp else None
+    # Low precision normalises d = x - mean elementwise: computed once, for L∞'s |d| and for y. It is computed in
+    # x's shape and layout because y is written over it: the output of an autograd.Function must not be a view
+    # (an in-place op after the layer, e.g. `out += identity` or ReLU(inplace=True), would be refused).
+    centred = x - per_channel(mean, x) if lowp else None
+    dev = canonical(centred, channels_last) if lowp else None
     if norm is Norm.LINF:
         if top is None:
             top = linf_top_of_input(view, mean, k, TOPK_SPARE)
@@ -149,8 +152,6 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
             top = linf_top(rows, k, TOPK_SPARE)
             del rows
         scale, threshold = linf_top_scale(top[0], n, k, lowp)
-    if lowp:
-        centred = uncanonical(dev, x.shape, channels_last)
     y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp, centred)
     if lowp:
         return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold, top
