@@ -52,6 +52,7 @@ from .stats import (
     accumulate_dtype,
     can_read_on_host,
     canonical,
+    grad_sums,
     input_grad,
     input_grad_coefficients,
     is_channels_last,
@@ -372,9 +373,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
 
 def _channel_sums(grad: Tensor, values: Tensor, shift: Tensor, mult: Tensor) -> tuple:
     """(None, sum(grad * (values - shift) * mult), sum(grad)) per channel of (A, C, B) views, in one pass."""
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, values, None, None, None, shift, mult, True, 0.0, [False, True, True]
-    )
+    return (None, *grad_sums(grad, values, shift, mult))
 
 
 def _backward_with_graph(ctx, grad_y, x, weight, bias, residual):

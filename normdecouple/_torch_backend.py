@@ -41,6 +41,7 @@ from .stats import (
     channel_major_abs_dev,
     channel_sums,
     computes_in_input_dtype,
+    grad_sums,
     hypot_eps,
     input_grad,
     input_grad_coefficients,
@@ -59,6 +60,7 @@ from .stats import (
     scale_factor,
     traceable_topk_constant,
     uncanonical,
+    vmapped,
 )
 
 __all__ = [
@@ -160,7 +162,10 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
 
 def _scale_shift(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
     """``v * mult + shift`` per channel of an (A, C, B) view, in v's dtype: torch's eval-mode batch-norm kernel
-    (statistics 0 and 1, eps 0), one pass at any layout and one rounding for half inputs with float32 vectors."""
+    (statistics 0 and 1, eps 0), one pass at any layout and one rounding for half inputs with float32 vectors.
+    Under ``vmap`` over the backward (whose rule for that kernel refuses mixed dtypes) the same in plain ops."""
+    if vmapped(v):
+        return (v.to(mult.dtype) * mult[:, None] + shift[:, None]).to(v.dtype)
     zeros = torch.zeros_like(mult)
     return torch.batch_norm(v, mult, shift, zeros, torch.ones_like(mult), False, 0.0, 0.0, False)
 
@@ -231,9 +236,7 @@ class LpBatchNormFunction(torch.autograd.Function):
         elif x.is_contiguous():
             grad_y = grad_y.contiguous()
         # One fused reduction pass: sum(dy * x_hat) and sum(dy), in at least float32.
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, None, None, None, batch_mean, inv_std, True, 0.0, [False, True, True]
-        )
+        sum_dy_xhat, sum_dy = grad_sums(grad_y, x, batch_mean, inv_std)
         grad_x = None
         if ctx.needs_input_grad[0]:
             gamma = torch.ones_like(inv_std) if weight is None else weight.to(acc)
@@ -251,7 +254,10 @@ class LpBatchNormFunction(torch.autograd.Function):
                     # Half inputs: dy * gamma / s_e + offset by torch's fused kernel straight into the input dtype,
                     # then the sign term (u is exact in any dtype): two roundings, no float32 copies of dy and u.
                     grad_x = _scale_shift(dy, gamma * inv_std, offset)
-                    grad_x.addcmul_(u.to(x.dtype), coef.to(x.dtype)[:, None])
+                    if vmapped(grad_x):  # vmap over the backward: in-place addcmul_ has no batching rule
+                        grad_x = torch.addcmul(grad_x, u.to(x.dtype), coef.to(x.dtype)[:, None])
+                    else:
+                        grad_x.addcmul_(u.to(x.dtype), coef.to(x.dtype)[:, None])
             elif can_read_on_host(x):
                 # Only the values at or above the k-th largest |d| carry the scale's gradient.
                 top = None if top_values is None else (top_values, top_positions)
