@@ -58,7 +58,7 @@ from .stats import (
     pairwise_mean_keeping_rows,
     per_channel,
     scale_factor,
-    traceable_topk_constant,
+    topk_constant_of_input,
     uncanonical,
     vmapped,
 )
@@ -306,7 +306,7 @@ def differentiable_batch_norm(
             # t, the k-th largest |d| per channel: topk on the (C, n) rows of the detached deviations.
             threshold = channel_major(abs_dev.detach()).topk(k, dim=1, sorted=False).values.amin(dim=1)
             w = linf_tie_weights(abs_dev.detach(), threshold, k, tuple(dims))
-        scale = (abs_dev * w).sum(dim=dims, keepdim=True) / (k * traceable_topk_constant(n, k))
+        scale = (abs_dev * w).sum(dim=dims, keepdim=True) / (k * topk_constant_of_input(x, k))
     y = dev * torch.rsqrt(scale * scale + eps)
     if weight is not None:
         y = y * per_channel(weight.to(acc), x)

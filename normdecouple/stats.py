@@ -67,6 +67,7 @@ __all__ = [
     "pairwise_mean_keeping_rows",
     "hypot_eps",
     "traceable_topk_constant",
+    "topk_constant_of_input",
     "channel_sums",
     "grad_sums",
     "l1_scale",
@@ -263,6 +264,28 @@ def traceable_topk_constant(n: int, k: int) -> float | Tensor:
     if torch.compiler.is_compiling():
         return _topk_constant_op(n, k)
     return topk_constant(n, k)
+
+
+@torch.library.custom_op("normdecouple::topk_constant_of_input", mutates_args=())
+def _topk_constant_of_input_op(input: Tensor, k: int) -> Tensor:
+    size = input.shape  # Size.numel() is an int also while torch.jit.trace records (its items are not)
+    return torch.tensor(topk_constant(size[:1].numel() * size[2:].numel(), k), dtype=torch.float64)
+
+
+@_topk_constant_of_input_op.register_fake
+def _(input: Tensor, k: int) -> Tensor:
+    return torch.empty((), dtype=torch.float64)
+
+
+def topk_constant_of_input(input: Tensor, k: int) -> float | Tensor:
+    """c(n, k) for the n = N * spatial values per channel of ``input``, as :func:`traceable_topk_constant`.
+
+    Under ``torch.jit.trace`` a custom op of the input itself, which the trace records: the traced graph then
+    computes c for the batch size it runs with (a size passed as an int would be recorded as the example's).
+    """
+    if torch.jit.is_tracing():
+        return _topk_constant_of_input_op(input.detach(), k)  # a constant: no gradient flows into the op
+    return traceable_topk_constant(input.numel() // input.shape[1], k)
 
 
 def scale_factor(norm: Norm, n: int, k: int) -> float | Tensor:
@@ -532,11 +555,12 @@ def vmapped(t: Tensor) -> bool:
 def can_read_on_host(t: Tensor) -> bool:
     """Whether reading ``t``'s values on the host is possible here: not while tracing or transforming.
 
-    False under ``torch.compile``/``torch.export``, for meta and fake tensors (``FakeTensorMode``), and for
+    False under ``torch.compile``/``torch.export``, while ``torch.jit.trace`` records (a value read on the host
+    would be baked into the trace), for meta and fake tensors (``FakeTensorMode``), and for
     the wrapped tensors of ``torch.func`` transforms; the callers then skip only what needs the value (the
     non-finite-statistics warning) or take a path without data-dependent shapes.
     """
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or t.device.type == "meta":
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
