@@ -95,6 +95,28 @@ def test_traced_training_graph_saves_loads_and_follows_the_batch_size(one_thread
     torch.testing.assert_close(loaded.state_dict(), twin.state_dict(), rtol=1e-13, atol=0)
 
 
+def test_jit_trace_with_cumulative_momentum_behaves_as_torchs(one_thread):
+    # momentum=None: torch's layer computes 1 / num_batches_tracked on the host, so the graphs of two trace runs
+    # differ and torch.jit.trace's own check fails; without the check the example's factor is kept. Ours does the
+    # same. running_mean follows the batch mean in both, so the two traced layers must agree.
+    torch.manual_seed(0)
+    ours, torchs = nd.L1BatchNorm2d(3, momentum=None).double(), nn.BatchNorm2d(3, momentum=None).double()
+    example = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    for layer in (ours, torchs):
+        with pytest.raises(torch.jit.TracingCheckError, match="Graphs differed across invocations"):
+            _trace(layer, example)
+    ours.load_state_dict(torchs.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced_ours = torch.jit.trace(ours, example, check_trace=False)
+        traced_torch = torch.jit.trace(torchs, example, check_trace=False)
+    for _ in range(3):
+        x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+        traced_ours(x)
+        traced_torch(x)
+        torch.testing.assert_close(ours.running_mean, torchs.running_mean, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", ["torch", "L1", "Linf_k3", "L1_fused"])
 def test_jit_trace_in_eval_is_torchs_eval(one_thread, name):
     model = _model(name)
