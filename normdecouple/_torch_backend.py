@@ -16,10 +16,12 @@ candidates (a scan of the input only when more values tie with the k-th than the
 backward: the input, the weight and per-channel vectors, as torch's BatchNorm saves (for L∞ also the (C, k +
 ``TOPK_SPARE``) candidates).
 
-Higher order (``create_graph=True``), ``torch.func`` transforms and forward-mode AD use
+Higher order (``create_graph=True``), ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` use
 :func:`differentiable_batch_norm`, the same forward written with differentiable torch ops whose derivative is
 the closed form above (the L∞ tie weights enter as constants, so its gradient is exactly the tie rule): the
-first-order backward recomputes it from the saved input and differentiates it with the graph kept.
+first-order backward recomputes it from the saved input and differentiates it with the graph kept. The
+first-order backward also runs under ``vmap`` (batched gradients), where it avoids ``out=`` ops and the fused
+kernels whose batching rules are missing (:func:`~normdecouple.stats.vmapped`).
 
 References: arXiv:1803.01814
 """
