@@ -59,6 +59,7 @@ from .stats import (
     linf_tie_weights,
     scale_factor,
     uncanonical,
+    vmapped,
 )
 
 __all__ = [
@@ -346,7 +347,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     if ctx.needs_input_grad[0]:
         if u is not None:
             # dz * gamma / s_e + (offset - coef) + 2 coef b: the multiplication first, so no broadcast copy.
-            if ctx.use_triton:
+            if ctx.use_triton and not vmapped(dz):  # a kernel cannot read vmap's batched tensors
                 from ._triton import act_launch
 
                 grad_x = act_launch.l1_input_grad(dz, signs, gamma * inv_std, offset - coef, coef * 2)

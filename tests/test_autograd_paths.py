@@ -311,6 +311,25 @@ def test_vmap_over_the_backward_equals_one_vjp_at_a_time(one_thread, layer, dtyp
         torch.testing.assert_close(got_legacy, want, atol=tol[0], rtol=tol[1])
 
 
+@pytest.mark.parametrize("cls", [nd.L1BatchNorm2d, nd.LinfBatchNorm2d, nd.L1BatchNormAct2d, nd.LinfBatchNormAct2d])
+def test_vmap_over_the_backward_of_the_triton_kernels(one_thread, cls):
+    # The Triton Functions' backward batched too (a kernel cannot read a batched tensor: the batched backward
+    # must not launch one on it).
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    module = cls(3, backend="triton")
+    x = torch.randn(4, 3, 5, 3, requires_grad=True)
+    y = module(x)
+    vectors = torch.randn((2,) + y.shape)
+    expected = torch.stack([torch.autograd.grad(y, x, v, retain_graph=True)[0] for v in vectors])
+    batched = torch.func.vmap(lambda v: torch.autograd.grad(y, x, v, retain_graph=True)[0])(vectors)
+    legacy = torch.autograd.grad(y, x, vectors, retain_graph=True, is_grads_batched=True)[0]
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(legacy, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sync_function_refuses_batched_gradients_clearly(tmp_path):
     import torch.distributed as dist
 
