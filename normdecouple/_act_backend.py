@@ -52,12 +52,14 @@ from .stats import (
     accumulate_dtype,
     can_read_on_host,
     canonical,
+    grad_sums,
     input_grad,
     input_grad_coefficients,
     is_channels_last,
     linf_tie_weights,
     scale_factor,
     uncanonical,
+    vmapped,
 )
 
 __all__ = [
@@ -347,7 +349,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     if ctx.needs_input_grad[0]:
         if u is not None:
             # dz * gamma / s_e + (offset - coef) + 2 coef b: the multiplication first, so no broadcast copy.
-            if ctx.use_triton:
+            if ctx.use_triton and not vmapped(dz):  # a kernel cannot read vmap's batched tensors
                 from ._triton import act_launch
 
                 grad_x = act_launch.l1_input_grad(dz, signs, gamma * inv_std, offset - coef, coef * 2)
@@ -374,9 +376,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
 
 def _channel_sums(grad: Tensor, values: Tensor, shift: Tensor, mult: Tensor) -> tuple:
     """(None, sum(grad * (values - shift) * mult), sum(grad)) per channel of (A, C, B) views, in one pass."""
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, values, None, None, None, shift, mult, True, 0.0, [False, True, True]
-    )
+    return (None, *grad_sums(grad, values, shift, mult))
 
 
 def _backward_with_graph(ctx, grad_y, x, weight, bias, residual):

@@ -135,6 +135,24 @@ class LpBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", low_precision={self.low_precision}, backend={self.backend!r}"
 
+    def __prepare_scriptable__(self) -> LpBatchNorm:
+        """Refuses ``torch.jit.script``, which calls this on every module first, with the way to export.
+
+        TorchScript cannot compile our layers (their forward dispatches to Python autograd Functions and
+        optional Triton kernels). The documented export path is :func:`normdecouple.revert_batchnorm`, which
+        gives torch's BatchNorm with identical eval outputs; ``torch.jit.trace`` and ``torch.compile`` take
+        the unsynchronised layers as they are.
+
+        Raises:
+            RuntimeError: always (the error ``torch.jit.script`` raises for what it cannot compile).
+        """
+        raise RuntimeError(
+            f"torch.jit.script cannot compile normdecouple's {type(self).__name__} ({self.extra_repr()}): its "
+            "forward runs Python autograd Functions. To export a trained model, convert its layers back to "
+            "torch's BatchNorm first, which keeps eval outputs identical: "
+            "model = normdecouple.revert_batchnorm(model.eval()); torch.jit.script(model)"
+        )
+
 
 def _layer_forward(layer: LpBatchNorm, input: Tensor) -> Tensor:
     """The layers' forward as one call that ``torch.fx.symbolic_trace`` records whole (it is ``fx.wrap``-ed).

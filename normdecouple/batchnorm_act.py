@@ -4,8 +4,21 @@ r"""L1/L∞ BatchNorm fused with its activation (and an optional residual): half
 backward only the output (which the next layer keeps anyway), per-channel vectors and, for L1, one bit per
 value (for L∞, the top-k positions); see :mod:`normdecouple._act_backend` for the derivation. They are
 :class:`normdecouple.LpBatchNorm` layers (same parameters, buffers, ``state_dict`` keys, running statistics and
-eval as ``L1BatchNorm2d``...) but deliberately not subclasses of ``L1BatchNorm2d``, so that nothing that expects
-a plain BatchNorm (converters, exporters, folding into convolutions) mistakes one for it.
+eval as ``L1BatchNorm2d``...) but deliberately not subclasses of ``L1BatchNorm2d``, so that the converters and
+the tools that match BatchNorm classes exactly (``torch.fx.experimental.optimization.fuse``,
+``torch.ao.quantization.fuse_modules``) do not take one for a plain BatchNorm.
+
+**Folding into a convolution.** They are still instances of torch's ``_BatchNorm``, and
+``torch.nn.utils.fusion.fuse_conv_bn_eval(conv, layer)`` accepts any such instance and reads only its running
+statistics and affine parameters: given a fused layer, it folds the normalisation and silently drops the
+activation and the residual (torch's helper cannot be intercepted). Deploy through
+:func:`normdecouple.revert_batchnorm` first (torch's BatchNorm and the activation module back, identical eval
+outputs), then fold: ``torch.fx.experimental.optimization.fuse(revert_batchnorm(model.eval()))``.
+
+**In-place ops after the layer.** The output is saved for the backward, as torch's ReLU saves its output: an
+in-place op on it (``y += r``, ``relu_``) makes the backward raise torch's "modified by an inplace operation"
+error, as after ``BatchNorm2d`` + ``ReLU``. With ``activation="identity"`` this differs from a plain BatchNorm,
+after which in-place ops are allowed: pass the residual as ``residual=`` instead.
 
 References: arXiv:1803.01814
 """
@@ -178,11 +191,17 @@ _DOC = r"""${title} fused with its activation: ``act(BN(input) + residual)``, sa
             ``gradgradcheck``) works, without the memory saving. Without it, ``create_graph=True`` through the
             layer is a ``RuntimeError`` naming this fix. Default: ``False``.
 
+    The output is saved for the backward (as torch's ReLU saves its output): an in-place op on it makes the
+    backward raise torch's "modified by an inplace operation" error; add a residual through ``residual=``.
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval`` reads only this layer's statistics and would drop the
+    activation and the residual: fold after :func:`normdecouple.revert_batchnorm` instead.
+
     Where the plain layer would run Triton (``backend="triton"``, or ``"auto"`` on CUDA), the fused layer runs
     the Triton batch-norm forward, then a Triton epilogue (residual, activation, L1 sign bits) and, for L1, a
     Triton input-gradient kernel; ``low_precision=True`` and layouts other than contiguous/channels_last use
     the PyTorch path. ``torch.compile``, ``torch.func``, forward-mode AD, meta and fake tensors run the unfused
-    layer and the activation (same values, no memory saving).
+    layer and the activation (same values, no memory saving); so does ``torch.jit.trace``, which records it as
+    torch ops.
 
     Shape:
         - Input: ``${shape}``; residual: ``None`` or the input's shape and dtype

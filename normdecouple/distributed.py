@@ -69,6 +69,7 @@ from .stats import (
     scale_factor,
     traceable_topk_constant,
     uncanonical,
+    vmapped,
 )
 from .functional import l1_batch_norm, linf_batch_norm, update_running_stats
 
@@ -240,6 +241,13 @@ class SyncLpBatchNormFunction(torch.autograd.Function):
                 "(backward with create_graph=True, e.g. a gradient penalty): its backward sums over the "
                 "process group. Train that model with the unsynchronised layers (revert_sync_batchnorm) or "
                 "compute the penalty on a model copy in eval mode"
+            )
+        if vmapped(grad_y):
+            raise RuntimeError(
+                "normdecouple's synchronised batch norm does not support batched gradients (vmap over the "
+                "backward: torch.func.vmap, autograd.grad(..., is_grads_batched=True), per-sample gradients): "
+                "its backward all-reduces over the process group. Use the unsynchronised layers "
+                "(revert_sync_batchnorm) for that computation"
             )
         x, weight, mean, scale, inv_std, lowp_mean, threshold = ctx.saved_tensors
         acc = inv_std.dtype
