@@ -201,11 +201,11 @@ class LpBatchNormActFunction(torch.autograd.Function):
                 keep_input, use_triton=False):
         n = x.numel() // x.shape[1]
         lowp = low_precision and x.dtype in (torch.float16, torch.bfloat16)
-        signs = has_zero = None
+        signs = has_zero = sign_sum = None
         if use_triton:
             from ._triton import act_launch
 
-            y, batch_mean, scale, inv_std, threshold, top, signs, has_zero = act_launch.statistics(
+            y, batch_mean, scale, inv_std, threshold, top, signs, has_zero, sign_sum = act_launch.statistics(
                 x, weight, bias, residual, eps, norm, k, activation, negative_slope)
             lowp_mean = None
         else:
@@ -262,7 +262,7 @@ class LpBatchNormActFunction(torch.autograd.Function):
         ctx.use_triton = use_triton
         ctx.save_for_backward(
             y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, fallback,
-            kept, x if keep_input else None,
+            kept, x if keep_input else None, sign_sum,
         )
         ctx.mark_non_differentiable(batch_mean, scale)
         return y, batch_mean, scale
@@ -270,7 +270,7 @@ class LpBatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_scale):
         (y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs, fallback, kept,
-         x) = ctx.saved_tensors
+         x, sign_sum) = ctx.saved_tensors
         if torch.is_grad_enabled():
             if not ctx.keep_input:
                 raise RuntimeError(
@@ -283,11 +283,11 @@ class LpBatchNormActFunction(torch.autograd.Function):
                 )
             return _backward_with_graph(ctx, grad_y, x, weight, bias, residual)
         return _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean,
-                         threshold, signs, fallback, kept)
+                         threshold, signs, fallback, kept, sign_sum)
 
 
 def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean, threshold, signs,
-              fallback, kept):
+              fallback, kept, sign_sum):
     acc = inv_std.dtype
     shape, channels_last = ctx.shape, ctx.channels_last
     # grad_y in the input's layout, as the unfused backward does (bf16 reductions on mixed layouts lose bits).
@@ -316,7 +316,12 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     sum_dz_xhat = sum_dz_zb / gamma
 
     n, k = ctx.n, ctx.k
-    if ctx.norm is Norm.L1:
+    if ctx.norm is Norm.L1 and sign_sum is not None:
+        # Triton: the forward's sum of sign(d) (equal to 2 sum(b) - n wherever no value sits at the mean, and the
+        # others keep their input); the input-gradient kernel reads the bits themselves.
+        u = None
+        sum_u = sign_sum.to(acc)
+    elif ctx.norm is Norm.L1:
         # u = 2 b - 1 from the bits b (1 where d > 0), used as b: dx = ... + coef (2 b - 1). (b in acc first:
         # torch's reductions and addcmul on uint8 convert per element, about twice as slow.)
         u = unpack_bits(signs, out.shape).to(acc)
@@ -347,7 +352,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     coef, offset = input_grad_coefficients(sum_dz, sum_dz_xhat, sum_u, gamma, scale, inv_std, n, factor)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        if u is not None:
+        if ctx.norm is Norm.L1:
             # dz * gamma / s_e + (offset - coef) + 2 coef b: the multiplication first, so no broadcast copy.
             if ctx.use_triton and not vmapped(dz):  # a kernel cannot read vmap's batched tensors
                 from ._triton import act_launch

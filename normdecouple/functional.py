@@ -156,7 +156,8 @@ def update_running_stats(
 
     ``running_var`` follows the variance-equivalent ``s^2 * n / (n - 1)``, with ``count`` (n) an int, or an
     integer tensor where ``torch.jit.trace`` records it. A channel whose batch statistics are not finite keeps
-    its old values, and a warning is issued once per process.
+    its old values, and a warning is issued once per process: at once for CPU tensors, a few calls later for
+    CUDA tensors (:class:`DeferredNonfiniteCount`: no host synchronisation).
     """
     with torch.no_grad():
         dtype = running_mean.dtype
@@ -170,19 +171,73 @@ def update_running_stats(
         finite = torch.isfinite(mean) & torch.isfinite(var)
         running_mean.copy_(torch.where(finite, torch.lerp(running_mean, mean, momentum), running_mean))
         running_var.copy_(torch.where(finite, torch.lerp(running_var, var, momentum), running_var))
-        global _nonfinite_warned
         # The check needs the value on the host; traced graphs (compile, export, meta and fake tensors,
-        # torch.func) skip the warning, not the protection.
-        if not _nonfinite_warned and can_read_on_host(finite) and not bool(finite.all()):
-            _nonfinite_warned = True
+        # torch.func) and CUDA graph capture skip the warning, not the protection.
+        if _nonfinite_warned or not can_read_on_host(finite):
+            return
+        if finite.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return
+            monitor = _nonfinite_monitors.get(finite.device)
+            if monitor is None:
+                monitor = _nonfinite_monitors[finite.device] = DeferredNonfiniteCount(finite.device)
+            bad = monitor.add(finite)
+        else:
             bad = int((~finite).sum())
-            warnings.warn(
-                f"normdecouple batch norm: the batch statistics of {bad} channel(s) are not finite "
-                "(overflow or NaN input); their running statistics were left unchanged. "
-                "This warning is shown once.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        if bad:
+            _warn_nonfinite(bad)
+
+
+def _warn_nonfinite(bad: int) -> None:
+    global _nonfinite_warned
+    _nonfinite_warned = True
+    warnings.warn(
+        f"normdecouple batch norm: the batch statistics of {bad} channel(s) are not finite "
+        "(overflow or NaN input); their running statistics were left unchanged. "
+        "This warning is shown once.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+class DeferredNonfiniteCount:
+    """The count of non-finite channels of a device, read on the host only once the device has produced it.
+
+    Reading a CUDA value on the host (``bool(t)``, ``.item()``) waits for every queued kernel: once per batch
+    norm call that drains the stream and forbids CUDA-graph capture. Instead each call adds its count to a
+    device counter (one asynchronous kernel) and, when the previous snapshot's event has completed, reads that
+    snapshot from pinned host memory and takes a new one (an asynchronous copy and an event). So the warning
+    comes a few calls after the batch that caused it, never at the cost of a synchronisation, and no batch is
+    missed (the counter is cumulative).
+
+    Args:
+        device: the device of the statistics.
+        make_event: the event type (``torch.cuda.Event``); tests pass a stand-in to run it on the CPU.
+        pin: allocate the host snapshot in pinned memory (needed for an asynchronous copy from CUDA).
+    """
+
+    def __init__(self, device: torch.device, make_event=None, pin: bool = True) -> None:
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=pin)
+        self.make_event = make_event if make_event is not None else torch.cuda.Event
+        self.event = None
+
+    def add(self, finite: Tensor) -> int:
+        """Adds the non-finite channels of ``finite``; returns the count of the last snapshot the device has
+        completed (0 while none has)."""
+        self.count.add_((~finite).sum())
+        seen = 0
+        if self.event is None or self.event.query():
+            if self.event is not None:
+                seen = int(self.host)
+            self.host.copy_(self.count, non_blocking=True)
+            self.event = self.make_event()
+            self.event.record()
+        return seen
+
+
+#: One deferred counter per CUDA device.
+_nonfinite_monitors: dict[torch.device, DeferredNonfiniteCount] = {}
 
 
 def check_arguments(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,

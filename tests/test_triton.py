@@ -24,7 +24,7 @@ import normdecouple.functional as functional  # noqa: E402
 from normdecouple import LinfBatchNorm2d  # noqa: E402
 from normdecouple._reference import reference_batch_norm  # noqa: E402
 from normdecouple._torch_backend import LpBatchNormFunction  # noqa: E402
-from normdecouple._triton import TritonLpBatchNormFunction, launch  # noqa: E402
+from normdecouple._triton import TritonLpBatchNormFunction, plan  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [
@@ -82,7 +82,7 @@ def test_channels_last_3d_and_sliced_input(device, check_against_reference):
     check_against_reference(torch.randn(2, 4, 3, 2, 3, device=device).to(memory_format=torch.channels_last_3d),
                             "linf", 3, backend="triton", param_dtype=torch.float32)
     sliced = torch.randn(4, 6, 5, 9, device=device)[:, ::2, :, 1:8]
-    assert launch._layout(sliced) is None
+    assert plan.address({"y": plan.Spec.of(torch.empty_like(sliced))}, {"x": plan.Spec.of(sliced)})[2] == ("x",)
     check_against_reference(sliced, "l1", 1, backend="triton", param_dtype=torch.float32)
 
 
@@ -214,10 +214,32 @@ def test_constant_channel_has_finite_output_and_gradient(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_k_takes_the_host_topk(device, monkeypatch, check_against_reference):
     # k beyond the kernels' register top-k takes its statistics from torch.topk; everything else stays in Triton.
-    monkeypatch.setattr(launch, "MAX_KERNEL_K", 2)
-    check_against_reference(torch.randn(5, 3, 3, 4, device=device), "linf", 3, backend="triton", param_dtype=torch.float32)
-    x = torch.randn(5, 3, 3, 4, device=device).to(torch.float16)
-    check_against_reference(x, "linf", 3, tol=LOW_PRECISION_TOLERANCES[torch.float16], low_precision=True, backend="triton", param_dtype=torch.float32)
+    monkeypatch.setattr(plan, "MAX_KERNEL_K", 2)
+    plan.plan_forward.cache_clear()  # plans are cached: none made with the real limit may serve this test
+    try:
+        x = torch.randn(5, 3, 3, 4, device=device)
+        assert any(isinstance(step, plan.HostTopk) for step in _forward_plan(x, "linf", 3).steps)
+        check_against_reference(x, "linf", 3, backend="triton", param_dtype=torch.float32)
+        x = torch.randn(5, 3, 3, 4, device=device).to(torch.float16)
+        check_against_reference(x, "linf", 3, tol=LOW_PRECISION_TOLERANCES[torch.float16], low_precision=True,
+                                backend="triton", param_dtype=torch.float32)
+    finally:
+        plan.plan_forward.cache_clear()
+
+
+def _forward_plan(x, norm, k, low_precision=False):
+    from normdecouple._triton.launch import tile_config
+    from normdecouple.stats import Norm
+
+    return plan.plan_forward(plan.Spec.of(x), None, None, Norm(norm), k, low_precision, 1e-5, tile_config(x.device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_top_k_takes_the_host_topk(device, check_against_reference):
+    # A float64 value does not fit next to a group id in the int64 keys of the kernels' top-k: the host top-k.
+    x = torch.randn(5, 3, 3, 4, device=device, dtype=torch.float64)
+    assert any(isinstance(step, plan.HostTopk) for step in _forward_plan(x, "linf", 3).steps)
+    check_against_reference(x, "linf", 3, backend="triton")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,7 +11,7 @@ add what the fused layers need around it (notation of :mod:`normdecouple._act_ba
 Addressing: both kernels walk the values in memory order of the (A, C, B) view (contiguous NCHW or
 channels_last), element e in channel ``(e // B) % C``; a program handles ``BLOCK`` bytes of bits, i.e.
 ``8 * BLOCK`` values, as a ``[BLOCK, 8]`` tile, so one byte is written by one program (no atomics on the bits).
-The zero flags use ``atomic_max`` on int32 (order-independent, so deterministic).
+With ``IDX64`` (more than 2^31 values) every index is int64.
 
 References: arXiv:1803.01814
 """
@@ -21,57 +21,70 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import to_output
+from .kernels import _rnd, _scalar, to_output
 
 #: Activation codes of the ``ACT`` constexpr.
 RELU, LEAKY_RELU, IDENTITY = 0, 1, 2
 
 
 @triton.jit
+def _values(BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    """(byte indices, value indices) of this program's ``[BLOCK, 8]`` tile."""
+    rows = tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    if IDX64:
+        rows = rows.to(tl.int64)
+        pid = pid.to(tl.int64)
+    rows = pid * BLOCK + rows
+    return rows, rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+
+
+@triton.jit(do_not_specialize=["numel", "C"])
 def act_forward_kernel(
     y_ptr,  # the batch-norm output, (A, C, B) contiguous; overwritten by act(y + r)
     r_ptr,  # the residual in the same layout (ignored without HAS_R)
     x_ptr,  # the input in the same layout (ignored without SIGNS)
     mean_ptr,  # (C,) batch mean in ACC
-    bits_ptr,  # (ceil(numel / 8),) uint8: bit j of byte i is [x > mean] of value 8 i + j
-    zero_ptr,  # (C,) int32: set to 1 where a value equals its channel's mean
+    bits_ptr,  # (ceil(numel / 8),) uint8: bit j of byte i is [x - mean > 0] of value 8 i + j
+    zero_ptr,  # (C,) int32, zero on entry: set to 1 where a value equals its channel's mean
     numel,  # number of values
     C,  # channels
     inner,  # B of the (A, C, B) view
-    slope,  # negative slope of the leaky ReLU
+    slope: tl.float64,  # negative slope of the leaky ReLU, as the user gave it
     HAS_R: tl.constexpr,
     ACT: tl.constexpr,
     SIGNS: tl.constexpr,
     DT: tl.constexpr,  # dtype of y (rounded to it to nearest even on every backend, the interpreter included)
-    COMPUTE: tl.constexpr,  # dtype of y + r (float32 for half inputs, else the input dtype)
-    ACC: tl.constexpr,  # dtype of the mean (the comparisons promote to it, as torch's subtraction does)
+    COMPUTE: tl.constexpr,  # torch's opmath of DT: float32 for half inputs, else DT itself
+    ACC: tl.constexpr,  # dtype of the mean (the subtraction promotes to it, as torch's does)
+    IDX64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+    """z = act(y + r), rounded as torch rounds ``F.leaky_relu(y + r)``: y + r is a tensor of the input dtype
+    (one rounding), then the activation computes in COMPUTE with the slope converted to COMPUTE (a second one);
+    the signs are sign(x - mu) of the forward's own d, so they agree with its sum of signs."""
+    rows, offs = _values(BLOCK, IDX64)
     mask = offs < numel
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-    z = y.to(COMPUTE)
+    z = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     if HAS_R:
-        z = z + tl.load(r_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        z = _rnd(z + tl.load(r_ptr + offs, mask=mask, other=0.0).to(COMPUTE), DT)
     if ACT == 0:
         z = tl.where(z > 0, z, 0.0)
     elif ACT == 1:
-        z = tl.where(z > 0, z, z * slope)
+        z = tl.where(z > 0, z, z * _scalar(slope, COMPUTE))
     tl.store(y_ptr + offs, to_output(z, DT), mask=mask)
     if SIGNS:
         ch = (offs // inner) % C
         mean = tl.load(mean_ptr + ch, mask=mask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        positive = ((x > mean) & mask).to(tl.int32)
-        packed = tl.sum(positive << tl.arange(0, 8)[None, :], axis=1)
+        d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean
+        packed = tl.sum((d > 0).to(tl.int32) << tl.arange(0, 8)[None, :], axis=1)
         tl.store(bits_ptr + rows, packed.to(tl.uint8), mask=rows * 8 < numel)
-        at_mean = ((x == mean) & mask).to(tl.int32)
-        tl.atomic_max(zero_ptr + ch, at_mean, mask=mask)
+        # Values at the mean are rare: only they reach the atomic.
+        at_mean = mask & (d == 0)
+        tl.atomic_max(zero_ptr + ch, tl.full(ch.shape, 1, tl.int32), mask=at_mean)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "C"])
 def l1_grad_kernel(
     dz_ptr,  # dL/dz, (A, C, B) contiguous
     bits_ptr,  # the packed signs of act_forward_kernel
@@ -83,11 +96,10 @@ def l1_grad_kernel(
     C,
     inner,
     ACC: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+    rows, offs = _values(BLOCK, IDX64)
     mask = offs < numel
     ch = (offs // inner) % C
     packed = tl.load(bits_ptr + rows, mask=rows * 8 < numel, other=0).to(tl.int32)
