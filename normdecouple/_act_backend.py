@@ -359,6 +359,8 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
 
                 grad_x = act_launch.l1_input_grad(dz, signs, gamma * inv_std, offset - coef, coef * 2)
             else:
+                if u is None:  # the Triton forward's bits, read here as torch ops (vmap over the backward)
+                    u = unpack_bits(signs, out.shape).to(acc)
                 grad_x = dz * (gamma * inv_std)[:, None]
                 grad_x = grad_x.add_((offset - coef)[:, None]).addcmul_(u, (coef * 2)[:, None])
         else:
