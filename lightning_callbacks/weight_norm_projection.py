@@ -94,12 +94,15 @@ class WeightNormProjection(OptimizerHookCallback):
                 f"{self._owner}: expected each saved hook state to hold 'radius', a dict keyed by parameter name "
                 "(got none); resume from a checkpoint saved with this callback"
             )
-        return list(radius)
+        return [*radius, *hook_state.get("waiting", [])]
 
     def _make_hook(
-        self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule
+        self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule, auto: bool
     ) -> normdecouple.WeightNormProjection:
-        return normdecouple.WeightNormProjection(optimizer, names, p=self.p, radius=self.radius, model=pl_module)
+        return normdecouple.WeightNormProjection(
+            optimizer, "auto" if auto else names, p=self.p, radius=self.radius, model=pl_module,
+            _found=names if auto else None,
+        )
 
     def _after_attach(self) -> None:
         # Also moves the weights onto the restored spheres: an absolute radius projected them onto the unscaled
