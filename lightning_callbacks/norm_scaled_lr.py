@@ -27,14 +27,23 @@ class NormScaledLR(OptimizerHookCallback):
 
     Each output channel's step is multiplied by :math:`(\lVert w_i\rVert/\rho_i)^{\text{power}}`, so the effective
     step of a scale-invariant weight (:math:`\eta/\lVert w\rVert^2` for SGD, :math:`\eta/\lVert w\rVert` for Adam)
-    follows the LR schedule as if the norm stayed :math:`\rho_i` (see the hook's documentation).
+    follows the LR schedule as if the norm stayed :math:`\rho_i`, and a weight whose norm leaves
+    ``[ρ/band, ρ·band]`` is renormalised before the step, which keeps the norms bounded on any run length (see the
+    hook's documentation).
 
     Lightning steps its optimizers with a closure (``optimizer.step(closure)``, the closure running the
     backward), so the gradients do not exist yet when the optimizer's step pre-hook runs. This callback therefore
     runs the hook's before-step part from ``on_before_optimizer_step`` (after the backward and AMP's unscaling,
     before gradient clipping, which then clips the rescaled gradient) and its after-step part (``power=1``) from
     the optimizer's step post-hook. Hence: once per real step under ``accumulate_grad_batches``; on a step that
-    AMP's ``GradScaler`` skips, the gradients (inf/NaN anyway) are scaled but the weights are left alone.
+    AMP's ``GradScaler`` skips, the gradients (inf/NaN anyway) are scaled but the weights are not stepped (a
+    renormalisation may still move them, which does not change the function).
+
+    Lightning's own callbacks: the hooks follow param groups added later, so the backbone that
+    ``BackboneFinetuning`` adds at its unfreeze epoch is taken on then (with ``params="auto"``; its references
+    measured when it joins, and saved in checkpoints, also while it is still waited for); and the step that
+    ``StochasticWeightAveraging`` takes without a backward at the end of its batch-norm epoch, after recomputing
+    the statistics of the averaged weights, is left to the optimizer alone.
 
     The hooks attach at fit start (with ``params="auto"`` and no ``example_input_array``: at the first training
     batch; for a module without ``forward``, after the first training step's backward, the weights found by

@@ -28,6 +28,11 @@ class WeightNormProjection(OptimizerHookCallback):
 
     - with ``accumulate_grad_batches=k`` it projects once per real step (every ``k`` batches);
     - a step that AMP's ``GradScaler`` skips ("16-mixed" with inf/NaN gradients) projects nothing;
+    - a step without a backward since the last one projects nothing: ``StochasticWeightAveraging`` ends its
+      batch-norm epoch with one, after recomputing the statistics of the averaged weights (shorter than the
+      radius, since they average directions), which a projection would no longer match;
+    - param groups added later are followed: the backbone that ``BackboneFinetuning`` adds at its unfreeze epoch
+      is projected from its first step (with ``params="auto"``; ``"init"`` radii measured when it joins);
     - the LightningModule, its ``configure_optimizers`` and LR schedulers stay unchanged.
 
     The hooks attach at fit start, after the optimizers are built; with ``params="auto"`` the weights are found
