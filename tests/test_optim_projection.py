@@ -473,11 +473,12 @@ def test_param_groups_added_after_attach_are_projected_from_their_first_step(rad
     proj = WeightNormProjection(opt, model=model, example_inputs=(x,), radius=radius)
     assert proj.keys == ["3.weight"]
     _train(model, opt, _batches(2))
+    proj.scale_radius(2.0)  # a norm schedule under way: the joining weight's radius is its norm when it joins
     joined_norms = _norms(model[0].weight).clone()  # untouched so far: frozen, not in the optimizer
     opt.add_param_group({"params": backbone, "lr": 0.05})
     for t in range(3):
         _train(model, opt, _batches(1))
-        expected = joined_norms if radius == "init" else torch.full_like(joined_norms, radius)
+        expected = joined_norms if radius == "init" else torch.full_like(joined_norms, 2.0 * radius)
         torch.testing.assert_close(_norms(model[0].weight), expected, rtol=1e-13, atol=0)
     assert proj.keys == INVARIANT[::-1]
     torch.testing.assert_close(proj.radii["0.weight"], expected, rtol=1e-15, atol=0)

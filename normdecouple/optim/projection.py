@@ -139,7 +139,8 @@ class WeightNormProjection(ChannelHook):
         check_nonzero(norms, [self.keys[i] for i in indices], self._owner,
                       "give those channels non-zero values, or leave the parameter out of params")
         if self._radius == "init":
-            self._values.update({self.keys[i]: n for i, n in zip(indices, norms)})
+            # A weight that joins after scale_radius() keeps its norm: its base radius is that norm unscaled.
+            self._values.update({self.keys[i]: n / self._radius_scale for i, n in zip(indices, norms)})
             return
         self._values.update({self.keys[i]: torch.full_like(n, self._radius) for i, n in zip(indices, norms)})
         self._realign()
