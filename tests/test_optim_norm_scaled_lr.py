@@ -761,11 +761,13 @@ def _angular_steps_against_projection(name, band, steps, reference="init"):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LONG_RUN))
 def test_angular_steps_follow_projection_within_a_few_percent(name):
-    # Measured on this run (2000 steps, float64): within 1.3% at every step for SGD with momentum 0.9, 0.3% with
-    # Nesterov, 1.5% for Adam; band 1.05 bounds it (module docstring, point 4).
+    # Measured on this run (2000 steps, float64): every step within 2.0% of projection's for SGD with momentum
+    # 0.9, 1.5% with Nesterov, 1.3% for Adam, the run's mean within 0.1%; band 1.05 bounds it (module docstring,
+    # point 4).
     ratios, hook = _angular_steps_against_projection(name, 1.05, 2000)
     assert (ratios - 1).abs().max() < 0.03, (ratios - 1).abs().max()
     assert abs(ratios.mean() - 1) < 0.005, ratios.mean()
+    assert ((ratios - 1).abs() > 0.01).double().mean() < 0.1  # few steps off by more than 1%
 
 
 @pytest.mark.parametrize("name", list(LONG_RUN))
@@ -779,9 +781,10 @@ def test_band_one_takes_exactly_projections_steps(name):
 
 def test_control_without_the_band_momentum_steps_drift_from_projection():
     # The uncorrected hook (band too wide to be left) mixes gradients taken at norms that grew by many percent
-    # over the momentum's memory: its steps leave projection's by far more than a few percent.
+    # over the momentum's memory: most of its steps are off projection's by more than 1%, some by over 4%.
     ratios, _ = _angular_steps_against_projection("sgd_momentum", 1e300, 300)
-    assert (ratios - 1).abs().max() > 0.05, (ratios - 1).abs().max()
+    assert ((ratios - 1).abs() > 0.01).double().mean() > 0.5
+    assert (ratios - 1).abs().max() > 0.04, (ratios - 1).abs().max()
 
 
 def test_resume_across_a_renormalisation_is_bit_exact():
