@@ -145,7 +145,8 @@ class NormScaledLR(ChannelHook):
     is, which keeps each step within about a factor ``band`` of the one
     :class:`~normdecouple.WeightNormProjection` takes at radius :math:`\rho` (the module docstring derives it;
     ``band=1`` makes the directions exactly projection's, at the cost of one more pass over the weights per step).
-    The count is in :attr:`renormalizations`. Any optimizer works: the bound holds whatever its state.
+    The count is in :attr:`renormalizations`. Any optimizer works: the bound holds whatever its state. The band
+    check reads one number back from the device per step (a host synchronisation on CUDA), for all weights together.
 
     Output channels are slices along dimension 0, or dimension 1 for a transposed convolution's weight (found
     from ``model``; pass it for ``ConvTranspose{1,2,3}d``). Only weights of at least 2 dimensions are accepted: a
