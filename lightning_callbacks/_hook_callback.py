@@ -1,8 +1,8 @@
 """The lifecycle shared by the callbacks that attach a normdecouple optimizer hook to every optimizer.
 
-Attach at fit start (explicit names, ``example_input_array``, or the names in the checkpoint being resumed), else
-as soon as the weights are found from the first training batch (before its forward, or after its backward when
-the step itself is traced); keep the state Lightning restores from a checkpoint until the hooks exist; detach at
+Attach at fit start (explicit names, or the names in the checkpoint being resumed), else as soon as the weights
+are found at the first training batch, in the modes its step runs in (before its forward, with
+``example_input_array`` or the batch, or after its backward when the step itself is traced); keep the state Lightning restores from a checkpoint until the hooks exist; detach at
 teardown.
 
 References: arXiv:1803.01814

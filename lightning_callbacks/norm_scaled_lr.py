@@ -45,8 +45,8 @@ class NormScaledLR(OptimizerHookCallback):
     ``StochasticWeightAveraging`` takes without a backward at the end of its batch-norm epoch, after recomputing
     the statistics of the averaged weights, is left to the optimizer alone.
 
-    The hooks attach at fit start (with ``params="auto"`` and no ``example_input_array``: at the first training
-    batch; for a module without ``forward``, after the first training step's backward, the weights found by
+    The hooks attach at fit start (with ``params="auto"``: at the start of the first training batch, in the
+    modes its step runs in, ``example_input_array`` included; for a module without ``forward``, after the first training step's backward, the weights found by
     following that step as it runs, as :class:`WeightNormProjection` describes), their reference norms are saved in Lightning checkpoints and restored on resume, and they are
     removed at teardown. Every ``fit`` starts the hooks afresh (``"init"`` measured again) unless it
     resumes from a checkpoint (``ckpt_path=``).

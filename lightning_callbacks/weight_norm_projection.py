@@ -36,8 +36,10 @@ class WeightNormProjection(OptimizerHookCallback):
     - the LightningModule, its ``configure_optimizers`` and LR schedulers stay unchanged.
 
     The hooks attach at fit start, after the optimizers are built; with ``params="auto"`` the weights are found
-    by :func:`normdecouple.scale_invariant_parameters` on ``pl_module.example_input_array`` when it is set (and
-    the module has a ``forward``), else on the first training batch, before its forward. A module without
+    at the start of the first training batch, in the modes its step runs in (Lightning does not call
+    ``train()``), by :func:`normdecouple.scale_invariance.scale_invariant_parameters_as_set` on
+    ``pl_module.example_input_array`` when it is set (and the module has a ``forward``), else on that batch,
+    before its forward. A module without
     ``forward`` (its ``training_step`` calls ``self.net(x)``), or a batch whose inputs cannot be told, is followed
     through its real first training step instead, as it runs (:class:`normdecouple.scale_invariance.ScaleInvarianceTrace`
     from ``on_train_batch_start`` to the loss in ``on_before_backward``: no extra forward). The hooks then attach
