@@ -51,11 +51,11 @@ class BatchNormSwap(Callback):
     validate, test, predict) and layers that are already ours are left alone.
     Several processes: ``plugins=[SyncLpBatchNorm()]`` synchronises the swapped layers (timm's ``BatchNormAct2d``
     included); timm's ``timm.layers.convert_sync_batchnorm`` (its ``train.py --sync-bn``), like
-    ``sync_batchnorm=True``, would turn them back into L2 batch norm (README, "Several processes").
+    ``sync_batchnorm=True``, would turn them back into L2 batch norm (docs/distributed.md, "Several processes").
 
     Precision: the layers follow Lightning's precision setting; ``low_precision`` only decides the dtype of the
-    statistics' arithmetic (see the README's table). Under "16-true"/"bf16-true" the running statistics stay
-    float32.
+    statistics' arithmetic (see the table on the Lightning page, docs/lightning.md). Under "16-true"/"bf16-true"
+    the running statistics stay float32.
 
     Args:
         norm: ``"l1"`` or ``"linf"``. Default: ``"l1"``.

@@ -130,6 +130,9 @@ class WeightNormProjection(OptimizerHookCallback):
             if trainer.current_epoch in (30, 60, 80):
                 projection.scale_radius(10 ** 0.5)
 
+        Args:
+            factor: a positive finite number (``10 ** 0.5`` has the effect of dividing the learning rate by 10).
+
         Raises:
             ValueError: if ``factor`` is not a positive finite number.
         """

@@ -80,7 +80,7 @@ ACTIVATIONS = ("relu", "leaky_relu", "identity")
 
 #: fp16/bf16: a channel is recovered from the output only when (|beta| + max|r|) <= HALF_MAX_GAIN * |gamma|, so
 #: that the recovered x_hat is within about 5 roundings of the output (measured gradient errors within 4x the
-#: unfused layer's: tests/test_batchnorm_act.py and the README); other channels keep their input.
+#: unfused layer's: tests/test_batchnorm_act.py and docs/memory.md); other channels keep their input.
 HALF_MAX_GAIN = 4.0
 
 #: float32/float64: the same rule with 1024: the recovered x_hat within about 1e-4 (float32) or 2e-13 (float64)

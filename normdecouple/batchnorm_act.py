@@ -207,6 +207,16 @@ _DOC = r"""${title} fused with its activation: ``act(BN(input) + residual)``, sa
         - Input: ``${shape}``; residual: ``None`` or the input's shape and dtype
         - Output: same shape (and memory format) as the input
 
+    Raises:
+        TypeError: if ``double_backward`` or ``low_precision`` is not a bool, ``negative_slope`` not a
+            number${k_type}; in ``forward``, for a ``residual`` that is not a tensor, or
+            has another dtype or device than the input.
+        ValueError: for an unknown ``activation`` or ``backend``, a ``"leaky_relu"`` slope that is not positive
+            and finite; in ``forward``, the wrong input rank, a ``residual`` of another shape (no
+            broadcasting), or one value per channel in training.
+        RuntimeError: in the backward with ``create_graph=True`` unless ``double_backward=True`` (the message
+            names the fixes).
+
     Example::
 
         >>> import torch
@@ -232,6 +242,7 @@ def _doc(name: str, dim: int, linf: bool) -> str:
         own=("channels with a value tied at the k-th largest ``|x - mean|``" if linf
              else "channels with a value exactly at the mean (its sign, 0, has no bit)"),
         extra="\n        k: as :class:`normdecouple.LinfBatchNorm2d`. Default: ``1``." if linf else "",
+        k_type=", or ``k`` not an int" if linf else "",
         shape=shape,
         name=name,
         example_kw=", k=4" if linf else "",

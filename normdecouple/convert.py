@@ -318,7 +318,8 @@ def convert_batchnorm(
     with torch's ``SyncBatchNorm.convert_sync_batchnorm`` or timm's ``timm.layers.convert_sync_batchnorm`` (what
     ``--sync-bn`` in timm's ``train.py`` calls): both turn every layer of ours, a converted ``BatchNormAct2d``
     included, back into an L2 ``SyncBatchNorm``/``SyncBatchNormAct`` without a word, and this library cannot
-    intercept them (the README's "Several processes" shows the edit of timm's ``train.py``).
+    intercept them (the documentation's "Several processes" page, docs/distributed.md, shows the edit of timm's
+    ``train.py``).
 
     Args:
         module: the model, or a single BatchNorm layer.
@@ -595,7 +596,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     with the same state. This function is the one to call in place of timm's ``timm.layers.convert_sync_batchnorm``
     (``--sync-bn`` in timm's ``train.py``), which, like torch's converter, would silently turn every layer of ours
     into L2 ``SyncBatchNorm``/``SyncBatchNormAct``: in ``train.py`` replace its ``convert_sync_batchnorm(model)``
-    call by ``normdecouple.convert_sync_batchnorm(model)`` (see the README, "Several processes").
+    call by ``normdecouple.convert_sync_batchnorm(model)`` (see the "Several processes" page, docs/distributed.md).
 
     Args:
         module: the model, or a single normdecouple layer.

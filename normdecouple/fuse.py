@@ -264,6 +264,10 @@ class RewrittenForward:
         globals_: the names that source refers to.
         checks: the modules whose calls it skips, relative to ``module``, with their planned classes.
         fusions: ``(path, pattern)`` of each BatchNorm it fuses (the path relative to ``module``).
+
+    Raises:
+        TypeError: when pickled, if a name its source refers to cannot be written as an import (the message says
+            to pickle the ``state_dict``, or to unfuse before pickling and fuse again after loading).
     """
 
     def __init__(self, module: nn.Module, source: str, globals_: dict[str, Any], checks: tuple[_Check, ...],
@@ -1167,8 +1171,8 @@ class FusionPlan:
     """What :func:`fuse_activations` does to a model: one :class:`FusionRow` per BatchNorm, in module order.
 
     ``str(plan)`` is a table; :meth:`summary` is the one line that ``convert_batchnorm(...,
-    fuse_activation=True)`` logs. Iterating yields the rows; ``plan["layer1.0.bn3"]`` is the row of one path.
-    Built by :func:`fusion_plan`.
+    fuse_activation=True)`` logs. Iterating yields the rows; ``plan["layer1.0.bn3"]`` is the row of one path (a
+    ``KeyError`` listing the paths for one that holds no BatchNorm). Built by :func:`fusion_plan`.
 
     Args:
         rows: one row per BatchNorm.
@@ -1680,6 +1684,10 @@ def fusion_plan(model: nn.Module, example_inputs: Any = None) -> FusionPlan:
         A :class:`FusionPlan`: one row per BatchNorm (path, class, pattern, fused or not, how or why not);
         ``print(plan)`` shows it as a table.
 
+    Raises:
+        Exception: whatever the model's own forward raises on ``example_inputs``, unchanged (the model's buffers
+            and the random number generators are restored first).
+
     Example::
 
         >>> import torch
@@ -1710,6 +1718,10 @@ def fusable_pairs(model: nn.Module, example_inputs: Any = None) -> list[tuple[st
 
     Returns:
         ``(layer path, activation path)`` of each pair, in module order.
+
+    Raises:
+        Exception: whatever the model's own forward raises on ``example_inputs``, unchanged (the model's buffers
+            and the random number generators are restored first).
     """
     names = {id(m): name for name, m in model.named_modules()}
     if example_inputs is None:
@@ -1738,6 +1750,11 @@ def fuse_activations(model: nn.Module, example_inputs: Any = None) -> nn.Module:
 
     Returns:
         ``model`` (the root is never replaced).
+
+    Raises:
+        Exception: whatever the model's own forward raises on ``example_inputs``, unchanged; the model is then
+            left as it was (nothing is replaced before the plan is complete; buffers and random number
+            generators are restored).
 
     Example::
 

@@ -331,9 +331,10 @@ def test_docs_name_timms_sync_converter_next_to_the_call_that_works():
     pl_callbacks = pytest.importorskip("lightning_callbacks")
     import pathlib
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Several processes"):readme.index("### What the converters keep")]
-    incompatibilities = readme[readme.index("## Known incompatibilities"):readme.index("## Performance")]
+    docs = pathlib.Path(__file__).resolve().parent.parent / "docs"
+    distributed = (docs / "distributed.md").read_text()
+    section = distributed[distributed.index("## timm models"):distributed.index("## Limits")]
+    incompatibilities = (docs / "incompatibilities.md").read_text()
     for text in (nd.convert_batchnorm.__doc__, nd.convert_sync_batchnorm.__doc__, section, incompatibilities):
         assert "timm.layers.convert_sync_batchnorm" in text and "convert_sync_batchnorm(model" in text
     assert "--sync-bn" in section and "nd.convert_batchnorm" in section

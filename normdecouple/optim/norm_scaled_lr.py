@@ -419,6 +419,11 @@ class NormScaledLR(ChannelHook):
         References are keyed by parameter name when the hook was given a model, else by position in the
         optimizer. Nothing else decides a step: restoring the model, the optimizer and this state resumes a run
         exactly, renormalisations included.
+
+        Returns:
+            A dictionary with keys ``"power"`` (1 or 2), ``"band"`` (a float), ``"reference"`` (``{key: 1-D
+            tensor}``), ``"waiting"`` (a list of keys) and ``"renormalizations"`` (a count), plain Python and
+            tensors: save it next to the optimizer's ``state_dict()``.
         """
         return {"power": self.power, "band": self.band, "reference": self._values_state(),
                 "waiting": self._waiting_keys(), "renormalizations": self.renormalizations}
@@ -428,6 +433,10 @@ class NormScaledLR(ChannelHook):
 
         ``band``, ``waiting`` and ``renormalizations`` may be absent (a state saved before they existed): the
         hook's own are kept.
+
+        Args:
+            state_dict: a dictionary returned by :meth:`state_dict` (of this hook or of one built on the same
+                parameters with the same ``power``).
 
         Raises:
             ValueError: if ``power`` or ``reference`` is missing, the saved power differs from this hook's (it

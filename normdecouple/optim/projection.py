@@ -77,8 +77,9 @@ class WeightNormProjection(ChannelHook):
     Raises:
         TypeError: if ``optimizer`` is not a :class:`torch.optim.Optimizer` or ``params`` has the wrong type.
         ValueError: if a chosen parameter is not in the optimizer or is 1-D (without ``allow_1d=True``) or already
-            has a ``WeightNormProjection``, ``p`` is not 1, 2 or inf, ``radius`` is not ``"init"`` nor a positive finite number, a chosen channel is zero,
-            or ``params="auto"`` lacks ``model``/``example_inputs`` or finds nothing.
+            has a ``WeightNormProjection``, ``p`` is not 1, 2 or inf, ``radius`` is not ``"init"`` nor a positive
+            finite number, a chosen channel is zero, or ``params="auto"`` lacks ``model``/``example_inputs`` or
+            finds nothing.
 
     Example::
 
@@ -215,6 +216,11 @@ class WeightNormProjection(ChannelHook):
         parameters it waits for (``params="auto"``: not in the optimizer now).
 
         Radii are keyed by parameter name when the hook was given a model, else by position in the optimizer.
+
+        Returns:
+            A dictionary with keys ``"p"`` (the norm), ``"radius_scale"`` (a float), ``"radius"`` (``{key: 1-D
+            tensor}``, the base radii) and ``"waiting"`` (a list of keys), plain Python and tensors: save it next to
+            the optimizer's ``state_dict()``.
         """
         return {"p": self.p, "radius_scale": self._radius_scale, "radius": self._values_state(),
                 "waiting": self._waiting_keys()}
@@ -223,6 +229,10 @@ class WeightNormProjection(ChannelHook):
         """Restores the state from :meth:`state_dict` (exactly; the weights themselves come from the model's).
 
         ``waiting`` may be absent (a state saved before it existed).
+
+        Args:
+            state_dict: a dictionary returned by :meth:`state_dict` (of this hook or of one built on the same
+                parameters).
 
         Raises:
             ValueError: if an entry is missing or malformed, or the saved radii are for other parameters or other
