@@ -11,16 +11,25 @@ repeats (every variant once per round, rotating order): only ratios within one r
     residual form ``act(BN(x) + identity)`` and the downsampling BatchNorm fused with the identity activation
     (target <= 0.55x);
 (c) the same network built with torch's modules, converted by ``convert_batchnorm`` and fused by
-    ``normdecouple.fuse.fuse_activations`` (one followed forward): what it fuses and the ratio.
+    ``normdecouple.fuse.fuse_activations`` (followed forwards; residual blocks rewritten): what it fuses and the
+    ratio;
+(d) Hugging Face ``transformers`` ResNet-50 (``ResNetConfig()``, random weights, no download), and
+(e) MobileNetV2 (``MobileNetV2Config()``): the original model, ``convert_batchnorm(model, "l1")`` (unfused) and
+    ``convert_batchnorm(model, "l1", fuse_activation=True, example_inputs=...)`` (one call). Bytes against the
+    original model, time against the unfused converted model (target for ResNet-50: <= 0.60x the original's
+    activation bytes, time no worse than unfused). Needs ``pip install ".[bench]"`` (transformers).
 
     python benchmarks/memory.py --device cpu            # a few minutes on 2 CPU cores
     python benchmarks/memory.py --device cpu --quick    # smaller inputs, fewer repeats
     python benchmarks/memory.py --device cpu --threads 1  # steadier times on a shared machine
+    python benchmarks/memory.py --device cpu --threads 1 --only hf --hf-batch 8 --hf-size 224
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
 import time
 from collections.abc import Callable
 
@@ -29,7 +38,7 @@ from torch import nn
 
 import normdecouple as nd
 from timing import interleaved_medians  # benchmarks/timing.py, next to this script
-from normdecouple.fuse import fusable_pairs, fuse_activations
+from normdecouple.fuse import fuse_activations, fusion_plan
 
 # Bottleneck stages of ResNet-50: (width, blocks, stride); output channels = 4 * width.
 RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
@@ -165,17 +174,71 @@ def resnet(kind: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------------
+# (d) and (e): Hugging Face models
+
+
+class Logits(nn.Module):
+    """A transformers image classifier returning its logits (a tensor to backpropagate from)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+class _Summary(logging.Handler):
+    """Keeps the one-line summary that ``convert_batchnorm(..., fuse_activation=True)`` logs at INFO."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def hf_models(name: str, x: torch.Tensor) -> tuple[dict[str, nn.Module], str, float]:
+    """The original model, converted (unfused) and converted + fused by the one call; the summary that call
+    logged and how long it took."""
+    import transformers
+
+    torch.manual_seed(2)
+    if name == "resnet50":
+        original = transformers.ResNetForImageClassification(transformers.ResNetConfig())
+    else:
+        original = transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config())
+    original = Logits(original).to(x.device).train()
+    unfused = nd.convert_batchnorm(copy.deepcopy(original), "l1")
+    handler = _Summary()
+    logger = logging.getLogger("normdecouple.fuse")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    start = time.perf_counter()
+    try:
+        fused = nd.convert_batchnorm(copy.deepcopy(original), "l1", fuse_activation=True, example_inputs=(x,))
+    finally:
+        logger.removeHandler(handler)
+    took = time.perf_counter() - start
+    models = {"original (torch BN)": original, "L1 converted (unfused)": unfused, "L1 converted + fused": fused}
+    return models, " ".join(handler.messages), took
+
+
 def table(title: str, models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int,
-          baseline: str = "torch") -> list[str]:
+          baseline: str = "torch", time_baseline: str | None = None) -> list[str]:
     memory = {name: saved_bytes(m, x) for name, m in models.items()}
     times = interleaved_medians({name: fwd_bwd_run(m, x) for name, m in models.items()}, repeats, warmup)
+    time_baseline = time_baseline or baseline
     base_act, base_all = memory[baseline]
     lines = [title, f"{'variant':<28}{'activations MiB':>16}{'ratio':>8}{'all MiB':>10}{'ratio':>8}"
              f"{'fwd+bwd ms':>12}{'ratio':>8}", "-" * 90]
     for name in models:
         act, total = memory[name]
         lines.append(f"{name:<28}{act / 2**20:>16.2f}{act / base_act:>7.3f}x{total / 2**20:>10.2f}"
-                     f"{total / base_all:>7.3f}x{times[name] * 1e3:>12.1f}{times[name] / times[baseline]:>7.2f}x")
+                     f"{total / base_all:>7.3f}x{times[name] * 1e3:>12.1f}"
+                     f"{times[name] / times[time_baseline]:>7.2f}x")
     return lines
 
 
@@ -186,6 +249,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (1 gives steadier times on a shared machine)")
+    parser.add_argument("--only", choices=("all", "synthetic", "hf"), default="all",
+                        help="synthetic: tables (a)-(c); hf: the transformers models (d), (e)")
+    parser.add_argument("--hf-batch", type=int, default=8)
+    parser.add_argument("--hf-size", type=int, default=224)
+    parser.add_argument("--hf-repeats", type=int, default=5)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,10 +263,19 @@ def main() -> None:
     warmup = 1
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, device {device}; "
-          f"median of {repeats} interleaved fwd+bwd repeats; ratios against torch's BatchNorm + ReLU")
+          f"median of interleaved fwd+bwd repeats")
     print()
+    if args.only in ("all", "synthetic"):
+        synthetic(device, args.quick, repeats, warmup)
+    if args.only in ("all", "hf"):
+        hugging_face(device, args.hf_batch if not args.quick else 2, args.hf_size if not args.quick else 96,
+                     args.hf_repeats if not args.quick else 2, warmup)
 
-    batch, size, channels = (4, 16, 32) if args.quick else (8, 32, 32)
+
+def synthetic(device: torch.device, quick: bool, repeats: int, warmup: int) -> None:
+    print(f"(a)-(c): {repeats} repeats ({max(3, repeats // 2)} for (b, c)); ratios against torch's BatchNorm + ReLU")
+
+    batch, size, channels = (4, 16, 32) if quick else (8, 32, 32)
     x = torch.randn(batch, 3, size, size, device=device)
     models = {kind: chain(kind, channels).to(device) for kind in ("torch", "l1", "l1 fused", "linf", "linf fused")}
     names = {"torch": "torch BN + ReLU", "l1": "L1 + ReLU (unfused)", "l1 fused": "L1BatchNormAct2d",
@@ -207,22 +284,34 @@ def main() -> None:
                   {names[k]: m for k, m in models.items()}, x, repeats, warmup, baseline=names["torch"])
     print("\n".join(lines), end="\n\n")
 
-    batch, size = (2, 64) if args.quick else (4, 96)
+    batch, size = (2, 64) if quick else (4, 96)
     x = torch.randn(batch, 3, size, size, device=device)
     kinds = {"torch": "torch BN + ReLU", "l1": "L1 + ReLU (unfused)", "l1 fused": "L1BatchNormAct2d (+res)",
              "linf fused": "LinfBatchNormAct2d k=4 (+res)"}
     models = {label: resnet(kind).to(device) for kind, label in kinds.items()}
     converted = nd.convert_batchnorm(resnet("torch"), norm="l1").to(device)
-    pairs = fusable_pairs(converted, x)
     fuse_activations(converted, x)
     models["(c) torch -> convert + fuse"] = converted
     lines = table(f"(b, c) ResNet-50-shaped bottleneck network, input {tuple(x.shape)}",
                   models, x, max(3, repeats // 2), warmup, baseline=kinds["torch"])
     print("\n".join(lines))
-    n_layers = sum(isinstance(m, nd.LpBatchNorm) for m in converted.modules())
-    fused_names = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, _ in pairs}))
-    print(f"(c) fused {len(pairs)} of {n_layers} BatchNorm layers ({fused_names}); bn3 (into the residual "
-          "addition) and the downsampling BatchNorm have no activation of their own")
+    print(f"(c) {fusion_plan(converted, x).summary()}")
+    print()
+
+
+def hugging_face(device: torch.device, batch: int, size: int, repeats: int, warmup: int) -> None:
+    x = torch.randn(batch, 3, size, size, device=device)
+    for label, name in (("(d) transformers ResNet-50", "resnet50"), ("(e) transformers MobileNetV2", "mobilenet")):
+        models, summary, setup = hf_models(name, x)
+        lines = table(f"{label}, input {tuple(x.shape)}, {repeats} repeats; bytes against the original, time "
+                      f"against the unfused converted model", models, x, repeats, warmup,
+                      baseline="original (torch BN)", time_baseline="L1 converted (unfused)")
+        print("\n".join(lines))
+        print(f"logged by the call: {summary}")
+        print(f"convert_batchnorm(..., fuse_activation=True, example_inputs=(x,)) took {setup:.1f} s (tracing, "
+              f"followed forwards and the checks of the rewritten forwards on x)")
+        print()
+        del models
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ The parameter list has ResNet-50's shapes (161 tensors, 25.6M values: 53 convolu
 values, the batch norms' affine parameters, the classifier); the hooks act on the 53 convolution weights, the
 scale-invariant ones. Gradients are random and restored before every timed step, so the timings do not drift
 with the values. Each row reports the fastest of ``--repeats`` steps (the least disturbed by other processes on a
-shared machine) of: the plain step, the same step with the hook attached, and the difference as a fraction of the
-plain step.
+shared machine) of: the plain step, the same optimizer with weight decay 5e-4 (what the hooks replace), the step
+with the hook attached, and the hooked step as a multiple of the plain and of the weight-decay step.
+
+``NormScaledLR`` is timed twice: with the weights on their reference spheres and a learning rate too small to
+leave the band (the common step: norms, one comparison, the gradient scaling), and with ``band=1``, which
+renormalises every weight before every step (the most a step can cost: one more read and write of the weights).
 
 Usage::
 
@@ -67,44 +71,51 @@ def _fastest_ms(step: Callable[[], None], before: Callable[[], None], repeats: i
     return min(times) * 1e3
 
 
-def run(device: str, repeats: int) -> list[tuple[str, str, float, float]]:
+def run(device: str, repeats: int) -> list[tuple[str, str, float, float, float]]:
     torch.manual_seed(0)
     shapes = resnet50_shapes()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     optimizers = {
-        "SGD(momentum=0.9)": lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9),
-        "SGD(momentum=0.9, foreach=True)": lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, foreach=True),
-        "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-6),
+        "SGD(momentum=0.9)": lambda ps, wd: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, weight_decay=wd),
+        "SGD(momentum=0.9, foreach=True)": lambda ps, wd: torch.optim.SGD(ps, lr=1e-4, momentum=0.9,
+                                                                          weight_decay=wd, foreach=True),
+        "Adam": lambda ps, wd: torch.optim.Adam(ps, lr=1e-6, weight_decay=wd),
     }
     hooks = {
         "WeightNormProjection(p=2)": lambda opt, ws: WeightNormProjection(opt, ws, radius=1.0),
         "WeightNormProjection(p=1)": lambda opt, ws: WeightNormProjection(opt, ws, p=1, radius=1.0),
         "WeightNormProjection(p=inf)": lambda opt, ws: WeightNormProjection(opt, ws, p=float("inf"), radius=1.0),
-        "NormScaledLR": lambda opt, ws: NormScaledLR(opt, ws, reference=1.0),
+        "NormScaledLR (band not left)": lambda opt, ws: NormScaledLR(opt, ws, reference=1.0),
+        "NormScaledLR (band=1: renormalising every step)": lambda opt, ws: NormScaledLR(opt, ws, reference=1.0,
+                                                                                         band=1.0),
     }
     rows = []
     for opt_name, make_opt in optimizers.items():
         params = [nn.Parameter(torch.randn(shape, device=device) * 0.05) for _, shape in shapes]
         chosen = [p for p, (kind, _) in zip(params, shapes) if kind == "conv"]
         grads = [torch.randn_like(p) for p in params]
-        opt = make_opt(params)
+        opt = make_opt(params, 0.0)
+        decayed = make_opt(params, 5e-4)
 
         def restore_grads() -> None:
             for p, g in zip(params, grads):
                 p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
 
-        # Settle the optimizer's state (allocation, first touch of its memory) before any timing.
+        # Settle the optimizers' state (allocation, first touch of its memory) before any timing.
         _fastest_ms(opt.step, restore_grads, repeats, sync)
+        _fastest_ms(decayed.step, restore_grads, repeats, sync)
         for hook_name, attach in hooks.items():
-            # The plain step is timed right before and after each hooked one (the faster kept): the machine's
+            # The plain steps are timed right before and after each hooked one (the faster kept): the machine's
             # speed drifts, and so does the allocator's (glibc raises its mmap threshold once large temporaries
             # are freed, which speeds up steps that allocate, like Adam's).
             plain = _fastest_ms(opt.step, restore_grads, repeats, sync)
+            with_decay = _fastest_ms(decayed.step, restore_grads, repeats, sync)
             hook = attach(opt, chosen)
             hooked = _fastest_ms(opt.step, restore_grads, repeats, sync)
             hook.remove()
             plain = min(plain, _fastest_ms(opt.step, restore_grads, repeats, sync))
-            rows.append((opt_name, hook_name, plain, hooked))
+            with_decay = min(with_decay, _fastest_ms(decayed.step, restore_grads, repeats, sync))
+            rows.append((opt_name, hook_name, plain, with_decay, hooked))
     return rows
 
 
@@ -124,10 +135,11 @@ def main() -> None:
     print(f"parameters: {len(shapes)} tensors, {numel / 1e6:.2f}M values; hooked: {len(conv)} convolution weights, "
           f"{sum(torch.Size(s).numel() for s in conv) / 1e6:.2f}M values")
     print()
-    print("| optimizer | hook | step (ms) | step + hook (ms) | overhead |")
-    print("|---|---|---:|---:|---:|")
-    for opt_name, hook_name, base, ms in run(args.device, args.repeats):
-        print(f"| {opt_name} | {hook_name} | {base:.1f} | {ms:.1f} | {100 * (ms - base) / base:+.0f}% |")
+    print("| optimizer | hook | step (ms) | step, weight decay 5e-4 (ms) | step + hook (ms) | / step | / weight-decay step |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for opt_name, hook_name, base, decay, ms in run(args.device, args.repeats):
+        print(f"| {opt_name} | {hook_name} | {base:.1f} | {decay:.1f} | {ms:.1f} | {ms / base:.2f}x | "
+              f"{ms / decay:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ its images by up to ``--shift`` pixels at random (zero padding): without it the 
 
    - SGD with weight decay ``--decouple-wd`` (5e-3, large enough that the norm settles within the first phase)
      and the LR schedule (÷10 at 50% and 75% of training);
-   - no weight decay, :class:`normdecouple.NormScaledLR` (reference: the norm at initialisation), LR schedule;
+   - no weight decay, :class:`normdecouple.NormScaledLR` (reference: the norm at initialisation; the default band
+     keeps each norm within 5% of it), LR schedule;
    - no weight decay, :class:`normdecouple.WeightNormProjection` (radius: the norm at initialisation), constant
      LR and the norm schedule (radius × √10 where the LR schedule divides by 10) for the scale-invariant weights
      (the other parameters, which no norm schedule can reach, keep the LR schedule);

@@ -14,9 +14,8 @@ import torch
 from pytorch_lightning.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from torch import Tensor, nn
 
-import normdecouple
 from normdecouple import LpBatchNorm
-from normdecouple.scale_invariance import ScaleInvarianceTrace
+from normdecouple.scale_invariance import ScaleInvarianceTrace, scale_invariant_parameters_as_set
 
 __all__: list[str] = []
 
@@ -54,7 +53,33 @@ def _layer_sync(trainer: pl.Trainer) -> LayerSync | None:
     """
     # The connector holds the user's choice on every strategy; the strategy holds it only on parallel ones.
     layer_sync = getattr(getattr(trainer, "_accelerator_connector", None), "_layer_sync", None)
-    return layer_sync if layer_sync is not None else getattr(trainer.strategy, "_layer_sync", None)
+    return layer_sync if layer_sync is not None else strategy_layer_sync(trainer)
+
+
+def strategy_layer_sync(trainer: pl.Trainer) -> LayerSync | None:
+    """The ``LayerSync`` plugin the strategy applies when fitting (parallel strategies hold it), or ``None``."""
+    return getattr(trainer.strategy, "_layer_sync", None)
+
+
+def should_log_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training step's metrics (``self.log``, ``LearningRateMonitor``).
+
+    Lightning's rule (``log_every_n_steps``): the step whose count of optimizer steps taken before it, plus one,
+    is a multiple of ``log_every_n_steps``, or any step once the Trainer should stop; never with
+    ``log_every_n_steps=0``. Read from the logger connector, as ``LearningRateMonitor`` does; recomputed from
+    :func:`logging_step` if a Lightning upgrade renames it.
+    """
+    flag = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+    if isinstance(flag, bool):
+        return flag
+    every = trainer.log_every_n_steps
+    return bool(every) and ((logging_step(trainer) + 1) % every == 0 or trainer.should_stop)
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's loggers write a training batch's metrics at: the number of batches that stepped the
+    optimizers before it (once per batch, whatever the number of optimizers); ``global_step`` if renamed."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 def check_params(params: Any, owner: str) -> str | list[str]:
@@ -118,12 +143,15 @@ def scale_invariant_names(trainer: pl.Trainer, pl_module: pl.LightningModule, in
     """:func:`normdecouple.scale_invariant_parameters` run the way Lightning runs the training step.
 
     The precision plugin converts the inputs and wraps the forward, so "16-true"/"bf16-true" models get inputs of
-    their dtype and "bf16-mixed" runs under autocast, exactly as in training.
+    their dtype and "bf16-mixed" runs under autocast, exactly as in training. Every module is analysed in its
+    ``training`` mode as set, as Lightning runs the step (it does not call ``train()`` when fitting starts):
+    a BatchNorm frozen in eval mode is an affine map, not a normalisation, and a module left wholly in eval
+    trains in eval. The traced step (a module without ``forward``) sees the same modes.
     """
     precision = trainer.precision_plugin
     inputs = precision.convert_input(inputs)
     with precision.forward_context():
-        return normdecouple.scale_invariant_parameters(pl_module, *inputs)
+        return scale_invariant_parameters_as_set(pl_module, *inputs)
 
 
 def split_by_optimizer(
@@ -194,14 +222,21 @@ _STEP_TRACES: weakref.WeakKeyDictionary[pl.Trainer, _StepTrace] = weakref.WeakKe
 
 
 class AutoWeights:
-    """Finds the weights of ``params="auto"`` for one callback, at the earliest point the module allows.
+    """Finds the weights of ``params="auto"`` for one callback, in the modes the training step runs in.
 
-    - ``example_input_array`` and a ``forward``: at fit start, on that array;
+    Found at the start of the first training batch, after every hook that runs before the first step (the
+    module's own ``on_fit_start``, ``on_train_start``, ``on_train_epoch_start``, where users freeze BatchNorms or
+    set other modes), so that each module is analysed in the ``training`` mode the step runs it in:
+
+    - a ``forward`` and ``example_input_array``: an analysis forward on that array whose side effects are undone;
     - a ``forward`` and a batch whose inputs are known (``batch_to_inputs``, a tensor, or a tuple starting with
-      one): at the first batch's start, by an analysis forward whose side effects are undone;
+      one): the same on the batch's inputs;
     - otherwise (no ``forward``, or a batch it cannot read): by tracing the real first training step as it runs,
       from ``on_train_batch_start`` to the loss handed to ``on_before_backward`` (no extra forward, nothing run
       twice). The trace is shared by every callback of the Trainer.
+
+    The forward paths analyse the modules' modes as set, as the traced step does (Lightning does not call
+    ``train()`` when fitting starts), so both paths report the same weights.
     """
 
     def __init__(self, owner: str, batch_to_inputs: Callable[[Any], tuple] | None) -> None:
@@ -219,18 +254,19 @@ class AutoWeights:
             shared.abort()
 
     def at_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
+        """Checks the settings; the weights are found at the first batch (``None``), in the step's modes."""
         if self.batch_to_inputs is not None and not has_forward(pl_module):
             raise ValueError(
                 f"{self.owner}: batch_to_inputs gives forward's inputs, but {type(pl_module).__name__} has no "
                 "forward; drop batch_to_inputs (the weights are then found from the first training step), set "
                 "example_input_array with a forward, or pass params= explicitly"
             )
-        if pl_module.example_input_array is not None and has_forward(pl_module):
-            return scale_invariant_names(trainer, pl_module, example_inputs(pl_module))
         return None
 
     def at_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[str] | None:
         if has_forward(pl_module):
+            if pl_module.example_input_array is not None:
+                return scale_invariant_names(trainer, pl_module, example_inputs(pl_module))
             inputs = tuple(self.batch_to_inputs(batch)) if self.batch_to_inputs is not None else default_inputs(batch)
             if inputs is not None:
                 return scale_invariant_names(trainer, pl_module, inputs)

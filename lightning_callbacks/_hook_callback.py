@@ -1,8 +1,8 @@
 """The lifecycle shared by the callbacks that attach a normdecouple optimizer hook to every optimizer.
 
-Attach at fit start (explicit names, ``example_input_array``, or the names in the checkpoint being resumed), else
-as soon as the weights are found from the first training batch (before its forward, or after its backward when
-the step itself is traced); keep the state Lightning restores from a checkpoint until the hooks exist; detach at
+Attach at fit start (explicit names, or the names in the checkpoint being resumed), else as soon as the weights
+are found at the first training batch, in the modes its step runs in (before its forward, with
+``example_input_array`` or the batch, or after its backward when the step itself is traced); keep the state Lightning restores from a checkpoint until the hooks exist; detach at
 teardown.
 
 References: arXiv:1803.01814
@@ -50,7 +50,7 @@ class OptimizerHookCallback(Callback):
         raise NotImplementedError
 
     def _saved_names(self, hook_state: dict[str, Any]) -> list[str]:
-        """The parameter names a saved hook state is keyed by."""
+        """The parameter names a saved hook state is keyed by, those it was waiting for included."""
         raise NotImplementedError
 
     @override
@@ -139,21 +139,37 @@ class OptimizerHookCallback(Callback):
                 f"states (got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}); "
                 "resume from a checkpoint saved with this callback"
             )
-        return [name for key in sorted(hooks) for name in self._saved_names(hooks[key])]
+        names = [name for key in sorted(hooks) for name in self._saved_names(hooks[key])]
+        return list(dict.fromkeys(names))  # a weight waited for by several hooks, once
 
     def _attach(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str], after_backward: bool = False
     ) -> None:
         optimizers = list(trainer.optimizers)
-        split = split_by_optimizer(names, pl_module, optimizers, self._owner, strict=self.params != "auto")
+        auto = self.params == "auto"
         by_name = dict(pl_module.named_parameters())
+        if auto:
+            # Each optimizer's hook gets the weights it holds, plus those no optimizer holds yet: they join when a
+            # param group adds them (BackboneFinetuning's backbone), and the hooks follow param groups.
+            unknown = [n for n in names if n not in by_name]
+            if unknown or not names:
+                split_by_optimizer(names, pl_module, optimizers, self._owner, strict=False)  # raises, with the why
+            held = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in optimizers]
+            orphans = [n for n in names if not any(id(by_name[n]) in ids for ids in held)]
+            split = [[n for n in names if id(by_name[n]) in ids] for ids in held]
+            chosen_by = [own + orphans if own or orphans else [] for own in split]
+        else:
+            split = split_by_optimizer(names, pl_module, optimizers, self._owner, strict=True)
+            chosen_by = split
         before = {n: by_name[n].detach().clone() for n in names} if after_backward else {}
         self._hooks = [
-            self._make_hook(opt, chosen, pl_module) if chosen else None for opt, chosen in zip(optimizers, split)
+            self._make_hook(opt, chosen, pl_module, auto) if chosen else None
+            for opt, chosen in zip(optimizers, chosen_by)
         ]
         rank_zero_info(
             f"{self._owner}: attached to {sum(h is not None for h in self._hooks)} optimizer(s) for "
-            f"{sum(map(len, split))} weight(s)"
+            f"{sum(map(len, split))} weight(s)" + (f", waiting for {len(orphans)} not in any optimizer yet"
+                                                    if auto and orphans else "")
         )
         if self._pending is not None:
             self._load_into_hooks(self._pending)
@@ -173,13 +189,17 @@ class OptimizerHookCallback(Callback):
                 if hook is None:
                     continue
                 for key, p, dim in zip(hook.keys, hook.params, hook.channel_dims):
-                    if p.grad is None or torch.equal(p, before[key]):
+                    if p.grad is None or key not in before or torch.equal(p, before[key]):
                         continue
                     dims = tuple(d for d in range(p.dim()) if d != dim)
                     old = torch.linalg.vector_norm(before[key], dim=dims, keepdim=True)
                     p.grad.mul_((old / torch.linalg.vector_norm(p, dim=dims, keepdim=True)).to(p.grad.dtype))
 
-    def _make_hook(self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule) -> Any:
+    def _make_hook(
+        self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule, auto: bool
+    ) -> Any:
+        """The hook for ``optimizer``: on the weights ``names`` (``auto``: those found scale-invariant, of which
+        the ones not in ``optimizer`` yet are waited for), keyed by name in ``pl_module``."""
         raise NotImplementedError
 
     @override

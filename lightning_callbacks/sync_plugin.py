@@ -44,10 +44,32 @@ class SyncLpBatchNorm(LayerSync):
 
     @override
     def apply(self, model: Module) -> Module:
-        """Replaces each normdecouple layer of ``model`` by its synchronised counterpart."""
+        """Replaces each normdecouple layer of ``model`` by its synchronised counterpart.
+
+        Args:
+            model: the LightningModule (Lightning calls this under DDP, before wrapping it).
+
+        Returns:
+            The model with synchronised layers (:func:`normdecouple.convert_sync_batchnorm`).
+
+        Raises:
+            ValueError: for a layer of ours that has no synchronised counterpart, as
+                :func:`normdecouple.convert_sync_batchnorm` says (the model is left as it was).
+        """
         return normdecouple.convert_sync_batchnorm(model, self.process_group)
 
     @override
     def revert(self, model: Module) -> Module:
-        """Undoes :meth:`apply`: each synchronised layer becomes the class it was converted from."""
+        """Undoes :meth:`apply`: each synchronised layer becomes the class it was converted from.
+
+        Args:
+            model: a model :meth:`apply` converted.
+
+        Returns:
+            The model with unsynchronised layers (:func:`normdecouple.revert_sync_batchnorm`).
+
+        Raises:
+            ValueError: for a subclass of the synchronised layers, as :func:`normdecouple.revert_sync_batchnorm`
+                says (the model is left as it was).
+        """
         return normdecouple.revert_sync_batchnorm(model)

@@ -28,11 +28,18 @@ class WeightNormProjection(OptimizerHookCallback):
 
     - with ``accumulate_grad_batches=k`` it projects once per real step (every ``k`` batches);
     - a step that AMP's ``GradScaler`` skips ("16-mixed" with inf/NaN gradients) projects nothing;
+    - a step without a backward since the last one projects nothing: ``StochasticWeightAveraging`` ends its
+      batch-norm epoch with one, after recomputing the statistics of the averaged weights (shorter than the
+      radius, since they average directions), which a projection would no longer match;
+    - param groups added later are followed: the backbone that ``BackboneFinetuning`` adds at its unfreeze epoch
+      is projected from its first step (with ``params="auto"``; ``"init"`` radii measured when it joins);
     - the LightningModule, its ``configure_optimizers`` and LR schedulers stay unchanged.
 
     The hooks attach at fit start, after the optimizers are built; with ``params="auto"`` the weights are found
-    by :func:`normdecouple.scale_invariant_parameters` on ``pl_module.example_input_array`` when it is set (and
-    the module has a ``forward``), else on the first training batch, before its forward. A module without
+    at the start of the first training batch, in the modes its step runs in (Lightning does not call
+    ``train()``), by :func:`normdecouple.scale_invariance.scale_invariant_parameters_as_set` on
+    ``pl_module.example_input_array`` when it is set (and the module has a ``forward``), else on that batch,
+    before its forward. A module without
     ``forward`` (its ``training_step`` calls ``self.net(x)``), or a batch whose inputs cannot be told, is followed
     through its real first training step instead, as it runs (:class:`normdecouple.scale_invariance.ScaleInvarianceTrace`
     from ``on_train_batch_start`` to the loss in ``on_before_backward``: no extra forward). The hooks then attach
@@ -94,12 +101,15 @@ class WeightNormProjection(OptimizerHookCallback):
                 f"{self._owner}: expected each saved hook state to hold 'radius', a dict keyed by parameter name "
                 "(got none); resume from a checkpoint saved with this callback"
             )
-        return list(radius)
+        return [*radius, *hook_state.get("waiting", [])]
 
     def _make_hook(
-        self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule
+        self, optimizer: torch.optim.Optimizer, names: list[str], pl_module: pl.LightningModule, auto: bool
     ) -> normdecouple.WeightNormProjection:
-        return normdecouple.WeightNormProjection(optimizer, names, p=self.p, radius=self.radius, model=pl_module)
+        return normdecouple.WeightNormProjection(
+            optimizer, "auto" if auto else names, p=self.p, radius=self.radius, model=pl_module,
+            _found=names if auto else None,
+        )
 
     def _after_attach(self) -> None:
         # Also moves the weights onto the restored spheres: an absolute radius projected them onto the unscaled
@@ -119,6 +129,9 @@ class WeightNormProjection(OptimizerHookCallback):
 
             if trainer.current_epoch in (30, 60, 80):
                 projection.scale_radius(10 ** 0.5)
+
+        Args:
+            factor: a positive finite number (``10 ** 0.5`` has the effect of dividing the learning rate by 10).
 
         Raises:
             ValueError: if ``factor`` is not a positive finite number.

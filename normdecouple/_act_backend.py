@@ -52,12 +52,14 @@ from .stats import (
     accumulate_dtype,
     can_read_on_host,
     canonical,
+    grad_sums,
     input_grad,
     input_grad_coefficients,
     is_channels_last,
     linf_tie_weights,
     scale_factor,
     uncanonical,
+    vmapped,
 )
 
 __all__ = [
@@ -78,7 +80,7 @@ ACTIVATIONS = ("relu", "leaky_relu", "identity")
 
 #: fp16/bf16: a channel is recovered from the output only when (|beta| + max|r|) <= HALF_MAX_GAIN * |gamma|, so
 #: that the recovered x_hat is within about 5 roundings of the output (measured gradient errors within 4x the
-#: unfused layer's: tests/test_batchnorm_act.py and the README); other channels keep their input.
+#: unfused layer's: tests/test_batchnorm_act.py and docs/memory.md); other channels keep their input.
 HALF_MAX_GAIN = 4.0
 
 #: float32/float64: the same rule with 1024: the recovered x_hat within about 1e-4 (float32) or 2e-13 (float64)
@@ -275,7 +277,9 @@ class LpBatchNormActFunction(torch.autograd.Function):
                     "the fused BatchNorm + activation layer does not keep its input, which a differentiable "
                     "backward (create_graph=True, double backward) needs; build the layer with "
                     "double_backward=True (keeps the input, no memory saving) or use the unfused layer "
-                    "(L1BatchNorm2d/LinfBatchNorm2d followed by the activation)"
+                    "(L1BatchNorm2d/LinfBatchNorm2d followed by the activation); for a model fused by "
+                    "convert_batchnorm(..., fuse_activation=True), call normdecouple.fuse.unfuse_activations(model) "
+                    "before differentiating twice"
                 )
             return _backward_with_graph(ctx, grad_y, x, weight, bias, residual)
         return _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std, lowp_mean,
@@ -350,11 +354,13 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
     if ctx.needs_input_grad[0]:
         if ctx.norm is Norm.L1:
             # dz * gamma / s_e + (offset - coef) + 2 coef b: the multiplication first, so no broadcast copy.
-            if ctx.use_triton:
+            if ctx.use_triton and not vmapped(dz):  # a kernel cannot read vmap's batched tensors
                 from ._triton import act_launch
 
                 grad_x = act_launch.l1_input_grad(dz, signs, gamma * inv_std, offset - coef, coef * 2)
             else:
+                if u is None:  # the Triton forward's bits, read here as torch ops (vmap over the backward)
+                    u = unpack_bits(signs, out.shape).to(acc)
                 grad_x = dz * (gamma * inv_std)[:, None]
                 grad_x = grad_x.add_((offset - coef)[:, None]).addcmul_(u, (coef * 2)[:, None])
         else:
@@ -377,9 +383,7 @@ def _backward(ctx, grad_y, y, residual, weight, bias, batch_mean, scale, inv_std
 
 def _channel_sums(grad: Tensor, values: Tensor, shift: Tensor, mult: Tensor) -> tuple:
     """(None, sum(grad * (values - shift) * mult), sum(grad)) per channel of (A, C, B) views, in one pass."""
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, values, None, None, None, shift, mult, True, 0.0, [False, True, True]
-    )
+    return (None, *grad_sums(grad, values, shift, mult))
 
 
 def _backward_with_graph(ctx, grad_y, x, weight, bias, residual):

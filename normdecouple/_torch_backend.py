@@ -16,10 +16,12 @@ candidates (a scan of the input only when more values tie with the k-th than the
 backward: the input, the weight and per-channel vectors, as torch's BatchNorm saves (for L∞ also the (C, k +
 ``TOPK_SPARE``) candidates).
 
-Higher order (``create_graph=True``), ``torch.func`` transforms and forward-mode AD use
+Higher order (``create_graph=True``), ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` use
 :func:`differentiable_batch_norm`, the same forward written with differentiable torch ops whose derivative is
 the closed form above (the L∞ tie weights enter as constants, so its gradient is exactly the tie rule): the
-first-order backward recomputes it from the saved input and differentiates it with the graph kept.
+first-order backward recomputes it from the saved input and differentiates it with the graph kept. The
+first-order backward also runs under ``vmap`` (batched gradients), where it avoids ``out=`` ops and the fused
+kernels whose batching rules are missing (:func:`~normdecouple.stats.vmapped`).
 
 References: arXiv:1803.01814
 """
@@ -41,6 +43,7 @@ from .stats import (
     channel_major_abs_dev,
     channel_sums,
     computes_in_input_dtype,
+    grad_sums,
     hypot_eps,
     input_grad,
     input_grad_coefficients,
@@ -57,8 +60,9 @@ from .stats import (
     pairwise_mean_keeping_rows,
     per_channel,
     scale_factor,
-    traceable_topk_constant,
+    topk_constant_of_input,
     uncanonical,
+    vmapped,
 )
 
 __all__ = [
@@ -126,7 +130,7 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     acc = accumulate_dtype(x.dtype)
     channels_last = is_channels_last(x)
     view = canonical(x, channels_last)
-    threshold = top = centred = None
+    threshold = top = None
     if not lowp:
         mean = channel_sums(view, acc) / n
         if norm is Norm.L1:
@@ -139,8 +143,11 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
         # The transposed copy is the (n, C, 1) view of a channels_last input: L∞'s candidates from its blocks.
         top = linf_top_of_input(rows[:, :, None], mean, k, TOPK_SPARE)
         del rows
-    # Low precision normalises d = x - mean elementwise: computed once, for L∞'s |d| and for y.
-    dev = view - mean[:, None] if lowp else None
+    # Low precision normalises d = x - mean elementwise: computed once, for L∞'s |d| and for y. It is computed in
+    # x's shape and layout because y is written over it: the output of an autograd.Function must not be a view
+    # (an in-place op after the layer, e.g. `out += identity` or ReLU(inplace=True), would be refused).
+    centred = x - per_channel(mean, x) if lowp else None
+    dev = canonical(centred, channels_last) if lowp else None
     if norm is Norm.LINF:
         if top is None:
             top = linf_top_of_input(view, mean, k, TOPK_SPARE)
@@ -149,8 +156,6 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
             top = linf_top(rows, k, TOPK_SPARE)
             del rows
         scale, threshold = linf_top_scale(top[0], n, k, lowp)
-    if lowp:
-        centred = uncanonical(dev, x.shape, channels_last)
     y, inv_std = normalise(x, weight, bias, mean, scale, eps, lowp, centred)
     if lowp:
         return y, mean.to(acc), scale.to(acc), inv_std, mean, threshold, top
@@ -159,7 +164,10 @@ def training_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
 
 def _scale_shift(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
     """``v * mult + shift`` per channel of an (A, C, B) view, in v's dtype: torch's eval-mode batch-norm kernel
-    (statistics 0 and 1, eps 0), one pass at any layout and one rounding for half inputs with float32 vectors."""
+    (statistics 0 and 1, eps 0), one pass at any layout and one rounding for half inputs with float32 vectors.
+    Under ``vmap`` over the backward (whose rule for that kernel refuses mixed dtypes) the same in plain ops."""
+    if vmapped(v):
+        return (v.to(mult.dtype) * mult[:, None] + shift[:, None]).to(v.dtype)
     zeros = torch.zeros_like(mult)
     return torch.batch_norm(v, mult, shift, zeros, torch.ones_like(mult), False, 0.0, 0.0, False)
 
@@ -230,9 +238,7 @@ class LpBatchNormFunction(torch.autograd.Function):
         elif x.is_contiguous():
             grad_y = grad_y.contiguous()
         # One fused reduction pass: sum(dy * x_hat) and sum(dy), in at least float32.
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, None, None, None, batch_mean, inv_std, True, 0.0, [False, True, True]
-        )
+        sum_dy_xhat, sum_dy = grad_sums(grad_y, x, batch_mean, inv_std)
         grad_x = None
         if ctx.needs_input_grad[0]:
             gamma = torch.ones_like(inv_std) if weight is None else weight.to(acc)
@@ -250,7 +256,10 @@ class LpBatchNormFunction(torch.autograd.Function):
                     # Half inputs: dy * gamma / s_e + offset by torch's fused kernel straight into the input dtype,
                     # then the sign term (u is exact in any dtype): two roundings, no float32 copies of dy and u.
                     grad_x = _scale_shift(dy, gamma * inv_std, offset)
-                    grad_x.addcmul_(u.to(x.dtype), coef.to(x.dtype)[:, None])
+                    if vmapped(grad_x):  # vmap over the backward: in-place addcmul_ has no batching rule
+                        grad_x = torch.addcmul(grad_x, u.to(x.dtype), coef.to(x.dtype)[:, None])
+                    else:
+                        grad_x.addcmul_(u.to(x.dtype), coef.to(x.dtype)[:, None])
             elif can_read_on_host(x):
                 # Only the values at or above the k-th largest |d| carry the scale's gradient.
                 top = None if top_values is None else (top_values, top_positions)
@@ -299,7 +308,7 @@ def differentiable_batch_norm(
             # t, the k-th largest |d| per channel: topk on the (C, n) rows of the detached deviations.
             threshold = channel_major(abs_dev.detach()).topk(k, dim=1, sorted=False).values.amin(dim=1)
             w = linf_tie_weights(abs_dev.detach(), threshold, k, tuple(dims))
-        scale = (abs_dev * w).sum(dim=dims, keepdim=True) / (k * traceable_topk_constant(n, k))
+        scale = (abs_dev * w).sum(dim=dims, keepdim=True) / (k * topk_constant_of_input(x, k))
     y = dev * torch.rsqrt(scale * scale + eps)
     if weight is not None:
         y = y * per_channel(weight.to(acc), x)

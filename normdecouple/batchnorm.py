@@ -38,6 +38,18 @@ class LpBatchNorm(_BatchNorm):
     torch's ``_BatchNorm`` with another scale. Public so that other packages (the Lightning callbacks, user
     code) recognise our layers with ``isinstance(module, normdecouple.LpBatchNorm)``; not meant to be built
     directly: use ``L1BatchNorm2d``, ``LinfBatchNorm2d``, ... .
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: torch's
+            :class:`torch.nn.BatchNorm2d` arguments, with its defaults.
+        low_precision: compute the statistics in the input dtype (fp16/bf16) without upcasting. Default:
+            ``False``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``. Default: ``"auto"``.
+
+    Raises:
+        TypeError: if ``low_precision`` is not a bool.
+        ValueError: for an unknown ``backend``, ``"triton"`` when Triton cannot be imported, or the wrong input
+            rank in ``forward`` (``expected 4D input (got 3D input)``, torch's wording).
     """
 
     norm: Norm
@@ -134,6 +146,24 @@ class LpBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", low_precision={self.low_precision}, backend={self.backend!r}"
+
+    def __prepare_scriptable__(self) -> LpBatchNorm:
+        """Refuses ``torch.jit.script``, which calls this on every module first, with the way to export.
+
+        TorchScript cannot compile our layers (their forward dispatches to Python autograd Functions and
+        optional Triton kernels). The documented export path is :func:`normdecouple.revert_batchnorm`, which
+        gives torch's BatchNorm with identical eval outputs; ``torch.jit.trace`` and ``torch.compile`` take
+        the unsynchronised layers as they are.
+
+        Raises:
+            RuntimeError: always (the error ``torch.jit.script`` raises for what it cannot compile).
+        """
+        raise RuntimeError(
+            f"torch.jit.script cannot compile normdecouple's {type(self).__name__} ({self.extra_repr()}): its "
+            "forward runs Python autograd Functions. To export a trained model, convert its layers back to "
+            "torch's BatchNorm first, which keeps eval outputs identical: "
+            "model = normdecouple.revert_batchnorm(model.eval()); torch.jit.script(model)"
+        )
 
 
 def _layer_forward(layer: LpBatchNorm, input: Tensor) -> Tensor:
@@ -233,6 +263,7 @@ _SHAPE_NOTE = r"""
         - Output: same shape (and memory format) as the input
 
     Raises:
+        TypeError: if ``low_precision`` is not a bool${k_type}.
         ValueError: for the wrong input rank (``expected ${rank} input (got ...D input)``), one value per
             channel in training, or bad arguments.
 
@@ -284,6 +315,7 @@ def _doc(title: str, name: str, dim: int, linf: bool) -> str:
             shape=shape,
             rank=rank,
             extra=K_ARG_DOC if linf else "",
+            k_type=" or ``k`` not an int" if linf else "",
             name=name,
             example_c="16",
             example_kw=", k=4" if linf else "",

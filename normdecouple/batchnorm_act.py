@@ -4,8 +4,21 @@ r"""L1/L∞ BatchNorm fused with its activation (and an optional residual): half
 backward only the output (which the next layer keeps anyway), per-channel vectors and, for L1, one bit per
 value (for L∞, the top-k positions); see :mod:`normdecouple._act_backend` for the derivation. They are
 :class:`normdecouple.LpBatchNorm` layers (same parameters, buffers, ``state_dict`` keys, running statistics and
-eval as ``L1BatchNorm2d``...) but deliberately not subclasses of ``L1BatchNorm2d``, so that nothing that expects
-a plain BatchNorm (converters, exporters, folding into convolutions) mistakes one for it.
+eval as ``L1BatchNorm2d``...) but deliberately not subclasses of ``L1BatchNorm2d``, so that the converters and
+the tools that match BatchNorm classes exactly (``torch.fx.experimental.optimization.fuse``,
+``torch.ao.quantization.fuse_modules``) do not take one for a plain BatchNorm.
+
+**Folding into a convolution.** They are still instances of torch's ``_BatchNorm``, and
+``torch.nn.utils.fusion.fuse_conv_bn_eval(conv, layer)`` accepts any such instance and reads only its running
+statistics and affine parameters: given a fused layer, it folds the normalisation and silently drops the
+activation and the residual (torch's helper cannot be intercepted). Deploy through
+:func:`normdecouple.revert_batchnorm` first (torch's BatchNorm and the activation module back, identical eval
+outputs), then fold: ``torch.fx.experimental.optimization.fuse(revert_batchnorm(model.eval()))``.
+
+**In-place ops after the layer.** The output is saved for the backward, as torch's ReLU saves its output: an
+in-place op on it (``y += r``, ``relu_``) makes the backward raise torch's "modified by an inplace operation"
+error, as after ``BatchNorm2d`` + ``ReLU``. With ``activation="identity"`` this differs from a plain BatchNorm,
+after which in-place ops are allowed: pass the residual as ``residual=`` instead.
 
 References: arXiv:1803.01814
 """
@@ -65,28 +78,8 @@ class _LpBatchNormAct(LpBatchNorm):
         return _act_layer_forward(self, input, residual)
 
     def _forward_impl(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        self._check_input_dim(input)
-        exponential_average_factor = self._momentum_factor()
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return lp_batch_norm_act(
-            input,
-            residual,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-            self.norm,
-            getattr(self, "k", 1),
-            self.low_precision,
-            self.backend,
-            self.activation,
-            self.negative_slope,
-            self.double_backward,
-        )
+        return batch_norm_act_forward(self, input, residual, self.activation, self.negative_slope,
+                                      self.double_backward)
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", activation={self.activation!r}"
@@ -95,6 +88,39 @@ class _LpBatchNormAct(LpBatchNorm):
         if self.double_backward:
             text += ", double_backward=True"
         return text
+
+
+def batch_norm_act_forward(layer: LpBatchNorm, input: Tensor, residual: Tensor | None, activation: str,
+                           negative_slope: float, keep_input: bool) -> Tensor:
+    """``act(BN(input) + residual)`` with ``layer``'s norm, statistics and settings, as the fused layers compute it.
+
+    Shared by the fused layers and by the forwards that :mod:`normdecouple.fuse` rewrites, which call it with a
+    plain ``L1BatchNorm2d``/``LinfBatchNorm2d`` (or a converted subclass proven to be one) and the activation
+    that follows it in the model: ``layer`` is counted in ``num_batches_tracked`` and its running statistics
+    updated exactly as its own forward does.
+    """
+    layer._check_input_dim(input)
+    exponential_average_factor = layer._momentum_factor()
+    bn_training = layer.training or (layer.running_mean is None and layer.running_var is None)
+    track = not layer.training or layer.track_running_stats
+    return lp_batch_norm_act(
+        input,
+        residual,
+        layer.running_mean if track else None,
+        layer.running_var if track else None,
+        layer.weight,
+        layer.bias,
+        bn_training,
+        exponential_average_factor,
+        layer.eps,
+        layer.norm,
+        getattr(layer, "k", 1),
+        layer.low_precision,
+        layer.backend,
+        activation,
+        negative_slope,
+        keep_input,
+    )
 
 
 def _act_layer_forward(layer: _LpBatchNormAct, input: Tensor, residual: Tensor | None) -> Tensor:
@@ -165,15 +191,31 @@ _DOC = r"""${title} fused with its activation: ``act(BN(input) + residual)``, sa
             ``gradgradcheck``) works, without the memory saving. Without it, ``create_graph=True`` through the
             layer is a ``RuntimeError`` naming this fix. Default: ``False``.
 
+    The output is saved for the backward (as torch's ReLU saves its output): an in-place op on it makes the
+    backward raise torch's "modified by an inplace operation" error; add a residual through ``residual=``.
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval`` reads only this layer's statistics and would drop the
+    activation and the residual: fold after :func:`normdecouple.revert_batchnorm` instead.
+
     Where the plain layer would run Triton (``backend="triton"``, or ``"auto"`` on CUDA), the fused layer runs
     the Triton batch-norm forward, then a Triton epilogue (residual, activation, L1 sign bits) and, for L1, a
     Triton input-gradient kernel; ``low_precision=True`` and layouts other than contiguous/channels_last use
     the PyTorch path. ``torch.compile``, ``torch.func``, forward-mode AD, meta and fake tensors run the unfused
-    layer and the activation (same values, no memory saving).
+    layer and the activation (same values, no memory saving); so does ``torch.jit.trace``, which records it as
+    torch ops.
 
     Shape:
         - Input: ``${shape}``; residual: ``None`` or the input's shape and dtype
         - Output: same shape (and memory format) as the input
+
+    Raises:
+        TypeError: if ``double_backward`` or ``low_precision`` is not a bool, ``negative_slope`` not a
+            number${k_type}; in ``forward``, for a ``residual`` that is not a tensor, or
+            has another dtype or device than the input.
+        ValueError: for an unknown ``activation`` or ``backend``, a ``"leaky_relu"`` slope that is not positive
+            and finite; in ``forward``, the wrong input rank, a ``residual`` of another shape (no
+            broadcasting), or one value per channel in training.
+        RuntimeError: in the backward with ``create_graph=True`` unless ``double_backward=True`` (the message
+            names the fixes).
 
     Example::
 
@@ -200,6 +242,7 @@ def _doc(name: str, dim: int, linf: bool) -> str:
         own=("channels with a value tied at the k-th largest ``|x - mean|``" if linf
              else "channels with a value exactly at the mean (its sign, 0, has no bit)"),
         extra="\n        k: as :class:`normdecouple.LinfBatchNorm2d`. Default: ``1``." if linf else "",
+        k_type=", or ``k`` not an int" if linf else "",
         shape=shape,
         name=name,
         example_kw=", k=4" if linf else "",

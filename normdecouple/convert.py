@@ -28,7 +28,6 @@ References: arXiv:1803.01814
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from . import functional as F_nd
+from . import fuse
 from .batchnorm import (
     L1BatchNorm1d,
     L1BatchNorm2d,
@@ -51,6 +51,7 @@ from .batchnorm import (
     LinfBatchNormNd,
     LpBatchNorm,
 )
+from ._transplant import blank_like, transplant_state
 from .distributed import SyncL1BatchNorm, SyncLinfBatchNorm
 from .functional import NORMS, validate_backend, validate_k
 from .stats import accumulate_dtype
@@ -92,13 +93,6 @@ _TO_SYNC: dict[type[LpBatchNorm], type[LpBatchNorm]] = {
     SyncLinfBatchNorm: SyncLinfBatchNorm,
 }
 _SYNC_CLASSES = (SyncL1BatchNorm, SyncLinfBatchNorm)
-# Constructor arguments of our layer families: set by the converter from its own arguments, so a source of
-# ours does not carry them over as extra attributes (a reverted torch layer has no `backend`).
-_OWN_ATTRIBUTES = frozenset({"low_precision", "backend", "k", "process_group", "_unsync_class",
-                             # the fused BatchNorm + activation layers' (normdecouple.batchnorm_act, fuse)
-                             "activation", "negative_slope", "double_backward", "_fused_from"})
-# The hook dictionaries every nn.Module owns; moved as objects so the user's handles still remove the hooks.
-_HOOK_ATTRIBUTES = tuple(name for name in vars(nn.Module()) if "hook" in name)
 _TORCH_BASES = (nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _BatchNorm)
 SUBCLASS_MODES = ("convert", "warn", "error")
 
@@ -146,10 +140,6 @@ def _plain_class(module: nn.Module) -> type:
     return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
-def _has_bias(module: _BatchNorm) -> bool:
-    return parametrize.is_parametrized(module, "bias") or module._parameters.get("bias") is not None
-
-
 def _original_dtype(module: nn.Module, name: str) -> torch.dtype | None:
     """dtype of the stored parameter ``name`` (the ``original`` of a parametrization), None if there is none."""
     if parametrize.is_parametrized(module, name):
@@ -157,51 +147,6 @@ def _original_dtype(module: nn.Module, name: str) -> torch.dtype | None:
         return original.dtype if isinstance(original, Tensor) else None
     tensor = module._parameters.get(name)
     return None if tensor is None else tensor.dtype
-
-
-def blank_like(cls: type[_BatchNorm], source: _BatchNorm, **kwargs: Any) -> _BatchNorm:
-    """A ``cls`` layer on the meta device with ``source``'s hyperparameters, to receive its state."""
-    return cls(source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats,
-               device="meta", bias=_has_bias(source) if source.affine else True, **kwargs)
-
-
-def transplant_state(source: _BatchNorm, target: _BatchNorm, stats_dtype: torch.dtype | None = None) -> _BatchNorm:
-    """Move everything ``source`` holds into ``target`` (built by :func:`blank_like`) without changing ``source``.
-
-    Kept as the same objects: the ``Parameter`` objects (optimizers keep them; ``requires_grad``, device and
-    dtype with them), the buffers, the hook dictionaries and the ``parametrizations`` ModuleDict. Kept as
-    values: ``training`` and every instance attribute of the source that ``target`` lacks (``qconfig``, a
-    subclass's own attributes), except, for a source of ours, our constructor arguments
-    (:data:`_OWN_ATTRIBUTES`); attributes both have (the hyperparameters) are ``target``'s. The
-    children are the source's; the caller replaces the converted ones. ``running_mean``/``running_var`` are cast
-    to ``stats_dtype`` when given (new tensors; the source keeps its own).
-    """
-    if parametrize.is_parametrized(source):
-        # register_parametrization gives target the Parametrized class and the properties; the placeholder
-        # list is then replaced by the source's own (same parametrizations, same `original`).
-        for name in source.parametrizations:
-            if name in target._parameters or name in target._buffers:
-                parametrize.register_parametrization(target, name, nn.Identity(), unsafe=True)
-    state = vars(source)
-    mine = vars(target)
-    mine["_parameters"] = OrderedDict(source._parameters)
-    buffers = OrderedDict(source._buffers)
-    for name in ("running_mean", "running_var"):
-        stat = buffers.get(name)
-        if stat is not None and stats_dtype is not None and stat.dtype != stats_dtype:
-            buffers[name] = stat.to(stats_dtype)
-    mine["_buffers"] = buffers
-    mine["_non_persistent_buffers_set"] = set(source._non_persistent_buffers_set)
-    mine["_modules"] = OrderedDict(source._modules)
-    for name in _HOOK_ATTRIBUTES:
-        if name in state:
-            mine[name] = state[name]
-    skip = _OWN_ATTRIBUTES if isinstance(source, LpBatchNorm) else frozenset()
-    for name, value in state.items():
-        if name not in mine and name not in skip:
-            mine[name] = value
-    mine["training"] = source.training
-    return target
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +177,12 @@ class _RedirectBatchNorm(TorchFunctionMode):
 def _redirected_batch_norm(layer: LpBatchNorm, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """``torch.nn.functional.batch_norm``'s signature, computed with ``layer``'s norm and settings."""
+    """``torch.nn.functional.batch_norm``'s signature, computed with ``layer``'s norm and settings.
+
+    A synchronised layer (made by :func:`convert_sync_batchnorm`) computes it over its process group in training.
+    """
+    if isinstance(layer, _SYNC_CLASSES):
+        return layer._functional_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     fn = F_nd.linf_batch_norm if _norm_name(layer.norm) == "linf" else F_nd.l1_batch_norm
     return fn(input, running_mean, running_var, weight, bias, training, momentum, eps,
               **layer._functional_kwargs())
@@ -244,6 +194,10 @@ def _norm_name(norm: Any) -> str:
 
 
 def _redirected_forward(self: LpBatchNorm, *args: Any, **kwargs: Any) -> Any:
+    if self.training and isinstance(self, _SYNC_CLASSES):
+        # Training without a process group is an error; raised here, before the user's forward has counted the
+        # batch in num_batches_tracked, as the synchronised layers' own forward does.
+        self._sync_group()
     with _RedirectBatchNorm(self):
         return self._user_class.forward(self, *args, **kwargs)
 
@@ -282,13 +236,15 @@ def _lp_subclass(user_class: type[_BatchNorm], ours: type[LpBatchNorm]) -> type[
     A ``forward`` the subclass defines runs under :class:`_RedirectBatchNorm`, so a direct
     ``F.batch_norm`` call (timm's ``BatchNormAct2d`` copies torch's forward) uses our norm as well. One class
     per pair, cached, so ``type(a) is type(b)`` for two converted layers of one class. ``revert_batchnorm``
-    restores ``user_class``.
+    restores ``user_class``. With ``ours`` a synchronised layer (:func:`convert_sync_batchnorm`), that call is
+    synchronised over the process group, and ``revert_sync_batchnorm`` restores ``(user_class, unsynchronised)``.
     """
     key = (user_class, ours)
     if key not in _SUBCLASSES:
         namespace = {
             "__module__": user_class.__module__,
-            "__doc__": f"{user_class.__name__} with {ours.__name__}'s normalisation (made by convert_batchnorm).",
+            "__doc__": f"{user_class.__name__} with {ours.__name__}'s normalisation (made by normdecouple's "
+                       f"converters).",
             "_user_class": user_class,
             "_ours_class": ours,
             "__reduce_ex__": _reduce_ex,
@@ -358,6 +314,13 @@ def convert_batchnorm(
     ``SyncBatchNorm`` that defines ``forward`` is refused (its ``super().forward()`` is torch's synchronised
     L2 path).
 
+    Several processes: synchronise the converted model with ``normdecouple.convert_sync_batchnorm(model)``, never
+    with torch's ``SyncBatchNorm.convert_sync_batchnorm`` or timm's ``timm.layers.convert_sync_batchnorm`` (what
+    ``--sync-bn`` in timm's ``train.py`` calls): both turn every layer of ours, a converted ``BatchNormAct2d``
+    included, back into an L2 ``SyncBatchNorm``/``SyncBatchNormAct`` without a word, and this library cannot
+    intercept them (the documentation's "Several processes" page, docs/distributed.md, shows the edit of timm's
+    ``train.py``).
+
     Args:
         module: the model, or a single BatchNorm layer.
         norm: ``"l1"`` or ``"linf"``. Default: ``"l1"``.
@@ -366,14 +329,20 @@ def convert_batchnorm(
         subclasses: what to do with subclasses of torch's BatchNorm classes: ``"convert"`` (as above),
             ``"warn"`` (leave them as they are, with a warning naming each), or ``"error"``. Default:
             ``"convert"``.
-        fuse_activation: also fuse each converted layer whose output goes only into a ``ReLU``/``LeakyReLU``
-            module with that activation (``L1BatchNormAct*d``/``LinfBatchNormAct*d``, which save their output
-            instead of their input: see :func:`normdecouple.fuse.fuse_activations` for which pairs qualify); the
-            activation becomes an identity only when it has no other use. ``revert_batchnorm`` undoes it.
-            Default: ``False``.
-        example_inputs: with ``fuse_activation``, inputs of one forward (a tensor or a tuple) used to find
-            pairs beyond ``nn.Sequential`` adjacency (e.g. a module calling ``self.bn`` then ``self.act``); the
-            buffers are restored after it. Default: ``None`` (``nn.Sequential`` adjacency only).
+        fuse_activation: also fuse the converted layers with what follows them, as
+            :func:`normdecouple.fuse.fuse_activations` does (its module docstring says which patterns and how):
+            a layer followed only by its own ``ReLU``/``LeakyReLU`` module becomes ``L1BatchNormAct*d``/
+            ``LinfBatchNormAct*d`` (which save their output instead of their input) and the activation an
+            identity; with ``example_inputs``, also ``bn -> add(., r) -> act`` and ``bn -> act`` inside a block's
+            forward (the block's forward is rewritten, its class, children, names, parameters and hooks kept),
+            timm-style ``BatchNormAct2d`` subclasses, and layers whose output the next operation keeps anyway
+            (fused with the identity). The plan's one-line summary is logged at INFO on the
+            ``normdecouple.fuse`` logger; :func:`normdecouple.fuse.fusion_plan` gives the whole table.
+            ``revert_batchnorm`` undoes it. Default: ``False``.
+        example_inputs: with ``fuse_activation``, inputs of the followed forwards (a tensor or a tuple) used to
+            find the patterns beyond ``nn.Sequential`` adjacency and to check every rewritten forward against the
+            original; buffers and random number generators are restored after them. Default: ``None``
+            (``nn.Sequential`` adjacency only).
         **norm_kwargs: extra arguments of the norm's layers: ``k`` for ``"linf"``.
 
     Returns:
@@ -458,7 +427,9 @@ def convert_batchnorm(
                 f"convert_batchnorm: {_where(path)} is a {cls.__qualname__}, a subclass of torch's SyncBatchNorm "
                 f"with its own forward, whose super().forward() is torch's synchronised L2 path; expected a "
                 f"subclass of BatchNorm1d/2d/3d. Pass subclasses='warn' to leave it as it is, or build it on "
-                f"BatchNorm2d (and synchronise with normdecouple.convert_sync_batchnorm)"
+                f"BatchNorm2d (and synchronise with normdecouple.convert_sync_batchnorm). timm's SyncBatchNormAct "
+                f"comes from timm.layers.convert_sync_batchnorm (train.py --sync-bn): convert the model before it "
+                f"and call normdecouple.convert_sync_batchnorm(model) in its place"
             )
         shadowed = _shadowed_names(source, cls, ours)
         if shadowed:
@@ -479,10 +450,8 @@ def convert_batchnorm(
     undo: list[tuple[dict, str, nn.Module]] = []
     converted = _replace_all(module, decide, undo)
     if fuse_activation:
-        from .fuse import fuse_activations
-
         try:
-            converted = fuse_activations(converted, example_inputs)
+            fuse.apply_plan(converted, example_inputs)
         except BaseException:
             # fuse_activations changes nothing when it fails: restoring the children undoes the conversion.
             for children, name, child in reversed(undo):
@@ -544,10 +513,8 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
     References: arXiv:1803.01814
     """
 
-    from .fuse import FusedActivation
-
     def decide(path: str, source: nn.Module) -> nn.Module | None:
-        if isinstance(source, FusedActivation):
+        if isinstance(source, fuse.FusedActivation):
             return source.original
         if not isinstance(source, LpBatchNorm):
             return None
@@ -571,7 +538,12 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
         target.__class__ = user_class
         return transplant_state(source, target, stats_dtype)
 
-    return _replace_all(module, decide)
+    # Rewritten forwards (normdecouple.fuse) go once every layer is reverted: blocks keep their own objects; a
+    # rewritten layer's new torch layer never carries its forward (transplant_state leaves it behind).
+    rewritten = fuse.rewritten_modules(module)
+    reverted = _replace_all(module, decide)
+    fuse.remove_rewrites(rewritten)
+    return reverted
 
 
 def _narrowed_stats_dtype(path: str, source: LpBatchNorm) -> torch.dtype | None:
@@ -616,6 +588,16 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     :func:`normdecouple.convert_batchnorm` first, or apply torch's converter to the submodules that hold only
     torch layers).
 
+    A BatchNorm subclass converted by :func:`convert_batchnorm` (timm's ``BatchNormAct2d`` in EfficientNet,
+    MobileNetV3, RegNet, DenseNet, ...) becomes a class derived from the user's class and the synchronised layer:
+    its own ``forward`` runs (``drop``, ``act`` and its input-rank check kept) and the batch norm inside it, a
+    ``torch.nn.functional.batch_norm`` call or ``super().forward()``, is synchronised.
+    :func:`revert_sync_batchnorm` gives back the converted layer and :func:`revert_batchnorm` the user's class,
+    with the same state. This function is the one to call in place of timm's ``timm.layers.convert_sync_batchnorm``
+    (``--sync-bn`` in timm's ``train.py``), which, like torch's converter, would silently turn every layer of ours
+    into L2 ``SyncBatchNorm``/``SyncBatchNormAct``: in ``train.py`` replace its ``convert_sync_batchnorm(model)``
+    call by ``normdecouple.convert_sync_batchnorm(model)`` (see the "Several processes" page, docs/distributed.md).
+
     Args:
         module: the model, or a single normdecouple layer.
         process_group: the group to synchronise over; ``None`` for the default group. Default: ``None``.
@@ -625,7 +607,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
 
     Raises:
         ValueError: for a normdecouple layer with no synchronised counterpart (a fused BatchNorm + activation
-            layer, a converted BatchNorm subclass, a subclass of our layers), named. The model is then unchanged.
+            layer, a subclass of our layers), or a converted BatchNorm subclass that defines a name the
+            synchronised layer uses, named. The model is then unchanged.
 
     Example::
 
@@ -643,25 +626,58 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
         if not isinstance(source, LpBatchNorm):
             return None
         cls = _plain_class(source)
-        if cls not in _TO_SYNC:
+        user_class = _user_class_of(source)
+        # A converted BatchNorm subclass is synchronised through the layer of ours it was built on.
+        ours = cls if user_class is None else vars(cls)["_ours_class"]
+        if ours not in _TO_SYNC:
             raise ValueError(
                 f"convert_sync_batchnorm: {_where(path)} is a {cls.__qualname__}, a normdecouple layer with no "
-                f"synchronised counterpart; expected one of {sorted(c.__name__ for c in _TO_SYNC)}. Leave it "
-                f"unsynchronised by converting only the submodules that do not hold it"
+                f"synchronised counterpart; expected one of {sorted(c.__name__ for c in _TO_SYNC)} or a "
+                f"BatchNorm subclass converted by convert_batchnorm. Leave it unsynchronised by converting only "
+                f"the submodules that do not hold it"
             )
-        unsync_class = source._unsync_class if isinstance(source, _SYNC_CLASSES) else cls
-        target = blank_like(_TO_SYNC[cls], source, process_group=process_group, **_our_kwargs(source))
+        sync_class = _TO_SYNC[ours]
+        unsync_class = source._unsync_class if isinstance(source, _SYNC_CLASSES) else ours
+        target = blank_like(sync_class, source, process_group=process_group, **_our_kwargs(source))
+        if user_class is not None:
+            shadowed = _sync_shadowed_names(user_class, sync_class)
+            if shadowed:
+                raise ValueError(
+                    f"convert_sync_batchnorm: {_where(path)} is a {cls.__qualname__} whose class "
+                    f"{user_class.__qualname__} defines {shadowed}, which normdecouple.{sync_class.__name__} uses "
+                    f"to synchronise; expected a subclass without these names. Rename them in "
+                    f"{user_class.__name__}, or leave this layer unsynchronised by converting only the "
+                    f"submodules that do not hold it"
+                )
+            target.__class__ = _lp_subclass(user_class, sync_class)
+        # The class of ours, never a generated one: it is pickled with the layer (see _reduce_ex).
         target._unsync_class = unsync_class
         return transplant_state(source, target)
 
     return _replace_all(module, decide)
 
 
+def _sync_shadowed_names(user_class: type, sync_class: type[LpBatchNorm]) -> list[str]:
+    """Names the synchronised layer adds to the unsynchronised one that the user's subclass also defines (the
+    names of the unsynchronised layer were checked by :func:`convert_batchnorm`)."""
+    unsync_names = {name for cls in sync_class._unsync_default.__mro__ for name in vars(cls)}
+    sync_names = {"process_group", "_unsync_class"} | {
+        name for cls in sync_class.__mro__ for name in vars(cls)
+        if not name.startswith("__") and name not in unsync_names
+    }
+    user_names = {
+        name for cls in user_class.__mro__ if cls not in _TORCH_BASES and cls not in _BatchNorm.__mro__
+        for name in vars(cls)
+    }
+    return sorted(sync_names & user_names)
+
+
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every :class:`SyncL1BatchNorm`/:class:`SyncLinfBatchNorm` in ``module`` by an unsynchronised layer.
 
     The inverse of :func:`convert_sync_batchnorm`: each layer becomes the class it was converted from (e.g.
-    ``L1BatchNorm2d``), recorded at conversion; a layer constructed directly as a synchronised one becomes the
+    ``L1BatchNorm2d``, or a converted BatchNorm subclass such as timm's ``BatchNormAct2d`` with our norm),
+    recorded at conversion; a layer constructed directly as a synchronised one becomes the
     any-rank ``L1BatchNormNd``/``LinfBatchNormNd``, since its input rank is unknown. Parameters, buffers,
     ``training``, hyperparameters, hooks, parametrizations and sharing are kept as in
     :func:`convert_sync_batchnorm`. Use it to evaluate or export a model trained with synchronisation in a
@@ -693,12 +709,17 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         if not isinstance(source, _SYNC_CLASSES):
             return None
         cls = _plain_class(source)
-        if cls not in _SYNC_CLASSES:
+        user_class = _user_class_of(source)
+        if user_class is None and cls not in _SYNC_CLASSES:
             raise ValueError(
                 f"revert_sync_batchnorm: {_where(path)} is a {cls.__qualname__}, a subclass of "
-                f"{cls.__mro__[1].__name__} that this function has no rule for; expected SyncL1BatchNorm or "
-                f"SyncLinfBatchNorm. Revert the submodules that do not hold it"
+                f"{cls.__mro__[1].__name__} that this function has no rule for; expected SyncL1BatchNorm, "
+                f"SyncLinfBatchNorm or a BatchNorm subclass synchronised by convert_sync_batchnorm. Revert the "
+                f"submodules that do not hold it"
             )
-        return transplant_state(source, blank_like(source._unsync_class, source, **_our_kwargs(source)))
+        target = blank_like(source._unsync_class, source, **_our_kwargs(source))
+        if user_class is not None:
+            target.__class__ = _lp_subclass(user_class, source._unsync_class)
+        return transplant_state(source, target)
 
     return _replace_all(module, decide)

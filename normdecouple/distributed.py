@@ -6,7 +6,11 @@ provides the synchronised counterparts of normdecouple's layers, :class:`SyncL1B
 :class:`SyncLinfBatchNorm` (any input rank >= 2, like torch's);
 :func:`normdecouple.convert_sync_batchnorm` / :func:`normdecouple.revert_sync_batchnorm` (in
 :mod:`normdecouple.convert`) swap them into and out of a model. They work with every backend that
-implements the collectives used (gloo on CPU, NCCL on CUDA).
+implements the collectives used (gloo on CPU, NCCL on CUDA). A BatchNorm subclass converted by
+:func:`normdecouple.convert_batchnorm` (timm's ``BatchNormAct2d``: ``act(drop(F.batch_norm(...)))``) gets a
+synchronised form derived from the user's class and one of these two: its own ``forward`` runs, and the
+``torch.nn.functional.batch_norm`` call inside it is this module's synchronised computation. (timm's own
+``timm.layers.convert_sync_batchnorm`` would turn it, and every layer of ours, into L2 batch norm.)
 
 Exactness: the statistics, the running statistics and the input gradients are those of one process holding
 the concatenation of every rank's batch, up to the order of summation; ranks may hold different batch sizes,
@@ -65,8 +69,9 @@ from .stats import (
     scale_factor,
     traceable_topk_constant,
     uncanonical,
+    vmapped,
 )
-from .functional import update_running_stats
+from .functional import l1_batch_norm, linf_batch_norm, update_running_stats
 
 __all__ = [
     "SyncL1BatchNorm",
@@ -237,6 +242,13 @@ class SyncLpBatchNormFunction(torch.autograd.Function):
                 "process group. Train that model with the unsynchronised layers (revert_sync_batchnorm) or "
                 "compute the penalty on a model copy in eval mode"
             )
+        if vmapped(grad_y):
+            raise RuntimeError(
+                "normdecouple's synchronised batch norm does not support batched gradients (vmap over the "
+                "backward: torch.func.vmap, autograd.grad(..., is_grads_batched=True), per-sample gradients): "
+                "its backward all-reduces over the process group. Use the unsynchronised layers "
+                "(revert_sync_batchnorm) for that computation"
+            )
         x, weight, mean, scale, inv_std, lowp_mean, threshold = ctx.saved_tensors
         acc = inv_std.dtype
         channels = x.shape[1]
@@ -327,7 +339,13 @@ _NO_GROUP_HELP = (
 
 
 class _SyncLpBatchNorm(bn.LpBatchNorm):
-    """Synchronised training forward shared by :class:`SyncL1BatchNorm` and :class:`SyncLinfBatchNorm`."""
+    """Synchronised training forward shared by :class:`SyncL1BatchNorm` and :class:`SyncLinfBatchNorm`.
+
+    Two entries, one arithmetic: :meth:`_forward_impl` (the layers' own forward) and
+    :meth:`_functional_batch_norm`, what a ``torch.nn.functional.batch_norm`` call inside the ``forward`` of a
+    converted BatchNorm subclass (timm's ``BatchNormAct2d``) computes once
+    :func:`normdecouple.convert_sync_batchnorm` has made that layer synchronised.
+    """
 
     _dim = 0  # any rank >= 2, like torch.nn.SyncBatchNorm
     _unsync_default: type[bn.LpBatchNorm]
@@ -337,17 +355,18 @@ class _SyncLpBatchNorm(bn.LpBatchNorm):
         # revert_sync_batchnorm's target; convert_sync_batchnorm records the class it replaced.
         self._unsync_class = self._unsync_default
 
-    def _forward_impl(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] == 0:
+    def _check_channels(self, input: Tensor) -> None:
+        if input.dim() >= 2 and input.shape[1] == 0:
             raise ValueError(
                 f"{type(self).__name__} number of input channels should be non-zero (got input size "
                 f"{tuple(input.shape)})"
             )
-        # As torch's SyncBatchNorm: only training is synchronised; eval (or eval with batch statistics when
-        # running statistics are not tracked) is the unsynchronised layer, and so is a group of one process.
-        if not self.training:
-            return super()._forward_impl(input)
+
+    def _sync_group(self) -> tuple[Any, int] | None:
+        """``(group, world size)`` for a training call, ``None`` for a group of one process (unsynchronised).
+
+        Raises before anything is counted or updated when no process group is initialised.
+        """
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"{type(self).__name__} synchronises its statistics over a torch.distributed process group in "
@@ -356,26 +375,57 @@ class _SyncLpBatchNorm(bn.LpBatchNorm):
             )
         group = dist.group.WORLD if self.process_group is None else self.process_group
         world_size = dist.get_world_size(group)
-        if world_size == 1:
-            return super()._forward_impl(input)
-        return self._sync_forward(input, group, world_size)
+        return None if world_size == 1 else (group, world_size)
 
-    def _sync_forward(self, input: Tensor, group: Any, world_size: int) -> Tensor:
+    def _forward_impl(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_channels(input)
+        # As torch's SyncBatchNorm: only training is synchronised; eval (or eval with batch statistics when
+        # running statistics are not tracked) is the unsynchronised layer, and so is a group of one process.
+        if not self.training:
+            return super()._forward_impl(input)
+        sync = self._sync_group()
+        if sync is None:
+            return super()._forward_impl(input)
+        factor = self._momentum_factor()
+        track = self.track_running_stats and self.num_batches_tracked is not None
+        stats = (self.running_mean, self.running_var) if track else (None, None)
+        return self._sync_batch_norm(input, *stats, self.weight, self.bias, factor, self.eps, *sync)
+
+    def _functional_batch_norm(self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+        """``torch.nn.functional.batch_norm``'s arguments, synchronised when this layer trains on batch statistics.
+
+        The caller (a converted subclass's own ``forward``, timm's copy of torch's) has already counted the batch
+        in ``num_batches_tracked`` and turned ``momentum`` into the factor of this call, and passes the running
+        statistics only when they are to be updated or used; every argument is the call's own, as for the
+        unsynchronised redirect. Batch statistics outside training (``track_running_stats=False`` in eval) stay
+        local, as in :meth:`_forward_impl` and torch's ``SyncBatchNorm``.
+        """
+        self._check_channels(input)
+        sync = self._sync_group() if training and self.training else None
+        if sync is None:
+            fn = linf_batch_norm if self.norm is Norm.LINF else l1_batch_norm
+            return fn(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      **self._functional_kwargs())
+        return self._sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *sync)
+
+    def _sync_batch_norm(self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                         weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float, group: Any,
+                         world_size: int) -> Tensor:
         if not can_read_on_host(input):
             raise RuntimeError(
                 f"{type(self).__name__} cannot synchronise under torch.func transforms, torch.compile/export "
                 "tracing or on meta/fake tensors (it reads the global batch size after a collective); use the "
                 "unsynchronised layers there (normdecouple.revert_sync_batchnorm(model))"
             )
-        factor = self._momentum_factor()
-        track = self.track_running_stats and self.num_batches_tracked is not None
         y, mean, scale, count = SyncLpBatchNormFunction.apply(
-            input, self.weight, self.bias, self.eps, self.norm, getattr(self, "k", 1),
-            self.low_precision, group, world_size,
+            input, weight, bias, eps, self.norm, getattr(self, "k", 1), self.low_precision, group, world_size,
         )
-        if track and self.running_mean is not None and count > 0:
+        if running_mean is not None and running_var is not None and count > 0:
             # Every rank holds the same global statistics, so the buffers stay identical across ranks.
-            update_running_stats(self.running_mean, self.running_var, mean, scale, count, factor)
+            update_running_stats(running_mean, running_var, mean, scale, count, momentum)
         return y
 
 

@@ -93,13 +93,20 @@ def validate_k(k: int) -> int:
     return k
 
 
+def _sizes(input: Tensor) -> tuple[int, int, int]:
+    """(N, C, spatial) of ``input`` as ints (spatial: the product of the sizes after C, 1 for none).
+
+    While ``torch.jit.trace`` records, the items of a shape are traced tensors, and a Python condition on them
+    bakes the example's sizes into the trace with a warning; ``Size.numel()`` stays an int.
+    """
+    size = input.shape
+    return size[:1].numel(), size[1:2].numel(), size[2:].numel()
+
+
 def verify_batch_size(input: Tensor) -> None:
-    size = input.size()
-    count = size[0]
-    for extent in size[2:]:
-        count *= extent
-    if count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    batch, _, spatial = _sizes(input)
+    if batch * spatial == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
 def check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
@@ -109,19 +116,26 @@ def check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor 
         # torch's kernel names the dtype in its own words ("batch_norm" not implemented for 'Long'); a
         # two-value call raises exactly that error (an empty input would skip the dtype dispatch).
         torch.nn.functional.batch_norm(input.new_zeros(2, 1, device="cpu"), None, None, training=True)
-    channels = input.shape[1]
+    channels = _sizes(input)[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
-        if t is not None and t.numel() != channels:
+        if t is not None and t.shape.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
 def needs_differentiable_path(input: Tensor, weight: Tensor | None, bias: Tensor | None = None) -> bool:
     """Inputs that an autograd.Function with a hand-written backward cannot serve: ``torch.func`` transforms
     (their wrapped tensors) and forward-mode AD (dual tensors); :func:`differentiable_batch_norm` does.
-    Under ``torch.compile`` the Function is traced (and differentiated) by the compiler itself."""
+    Under ``torch.compile`` the Function is traced (and differentiated) by the compiler itself.
+
+    Also ``torch.jit.trace``: it would record the Function as a call back into Python (a graph that
+    ``torch.jit.save`` refuses), while the differentiable form is recorded as torch ops whose sizes follow the
+    input, so the traced graph is exact for every batch size and saves like torch's BatchNorm's.
+    """
     if torch.compiler.is_compiling():
         return False
+    if torch.jit.is_tracing():
+        return True
     tensors = [t for t in (input, weight, bias) if t is not None]
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return True
@@ -135,20 +149,25 @@ def update_running_stats(
     running_var: Tensor,
     batch_mean: Tensor,
     batch_scale: Tensor,
-    count: int,
+    count: int | Tensor,
     momentum: float,
 ) -> None:
     """The one place running statistics change: ``new = (1 - momentum) * old + momentum * batch``.
 
-    ``running_var`` follows the variance-equivalent ``s^2 * n / (n - 1)``. A channel whose batch statistics
-    are not finite keeps its old values, and a warning is issued once per process: at once for CPU tensors,
-    a few calls later for CUDA tensors (:class:`DeferredNonfiniteCount`: no host synchronisation).
+    ``running_var`` follows the variance-equivalent ``s^2 * n / (n - 1)``, with ``count`` (n) an int, or an
+    integer tensor where ``torch.jit.trace`` records it. A channel whose batch statistics are not finite keeps
+    its old values, and a warning is issued once per process: at once for CPU tensors, a few calls later for
+    CUDA tensors (:class:`DeferredNonfiniteCount`: no host synchronisation).
     """
     with torch.no_grad():
         dtype = running_mean.dtype
         mean = batch_mean.to(dtype)
         scale = batch_scale.to(dtype)
-        var = scale * scale * (count / (count - 1))
+        # n / (n - 1) in float64. Under torch.jit.trace, n is a traced integer tensor (so that the traced model
+        # follows its batch size), whose true division would round to float32; a float64 0-dim tensor then
+        # multiplies exactly as the Python float of eager mode does.
+        bessel = count.double() / (count - 1) if isinstance(count, Tensor) else count / (count - 1)
+        var = scale * scale * bessel
         finite = torch.isfinite(mean) & torch.isfinite(var)
         running_mean.copy_(torch.where(finite, torch.lerp(running_mean, mean, momentum), running_mean))
         running_var.copy_(torch.where(finite, torch.lerp(running_var, var, momentum), running_var))
@@ -239,7 +258,8 @@ def check_arguments(input: Tensor, running_mean: Tensor | None, running_var: Ten
 def training_count(input: Tensor, norm: Norm, k: int) -> int:
     """n, the values per channel of a training batch (0 for an empty one), after the checks that need it."""
     verify_batch_size(input)
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    batch, channels, spatial = _sizes(input)
+    count = batch * spatial if channels else 0
     if norm is Norm.LINF and 0 < count < k:
         raise ValueError(
             f"linf_batch_norm: k={k} exceeds the n={count} values per channel of this batch "
@@ -290,6 +310,9 @@ def lp_batch_norm(
             input, weight, bias, eps, norm, k, low_precision
         )
     if running_mean is not None:
+        if torch.jit.is_tracing():
+            # Recorded from the input's sizes, so that a traced model's running_var follows its batch size.
+            count = input.numel() // input.shape[1]
         update_running_stats(running_mean, running_var, batch_mean, batch_scale, count, momentum)
     return y
 

@@ -28,7 +28,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["RULES", "Call", "Outcome", "Scaled", "ScaleInvarianceTrace", "TAINT", "scale_invariant_parameters"]
+__all__ = [
+    "RULES", "Call", "Outcome", "Scaled", "ScaleInvarianceTrace", "TAINT", "scale_invariant_parameters",
+    "scale_invariant_parameters_as_set",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +132,24 @@ def _per_channel_constant(x: Any, dim: int, out_ndim: int) -> bool:
     return all(size == 1 for i, size in enumerate(shape) if i - out_ndim != dim)
 
 
+def _uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether a ``_BatchNorm`` module normalises by the batch's statistics in its current mode (torch's rule)."""
+    return module.training or (module.running_mean is None and module.running_var is None)
+
+
 def normalize(tag: Tag, ndim: int, batch_stats: bool) -> tuple[Tag, frozenset[int]]:
     """A batch norm's output tag from its input's, and the weights it normalises.
 
-    Batch statistics are taken per channel (dimension 1) over all other dimensions, so a per-channel factor and a
-    per-channel constant both cancel (exactly, up to the eps added to the variance).
+    With batch statistics (training mode, or no running statistics), they are taken per channel (dimension 1)
+    over all other dimensions, so a per-channel factor and a per-channel constant both cancel (exactly, up to
+    the eps added to the variance). With running statistics (eval mode, e.g. a frozen BatchNorm inside a model
+    that trains) the layer is the per-channel affine map :math:`y = a_c x + b_c`: it normalises nothing, and a
+    scaling ``c·t`` of the channel dimension leaves it as ``c·(a t) + b``, a scaling plus a per-channel constant.
     """
-    done = {w for w, e in tag.items() if batch_stats and isinstance(e, Scaled) and ndim >= 2 and e.dim + ndim == 1}
-    return {w: TAINT for w in tag if w not in done}, frozenset(done)
+    channel = {w for w, e in tag.items() if isinstance(e, Scaled) and ndim >= 2 and e.dim + ndim == 1}
+    if batch_stats:
+        return {w: TAINT for w in tag if w not in channel}, frozenset(channel)
+    return {w: Scaled("aff", e.dim, e.key) if w in channel else TAINT for w, e in tag.items()}, frozenset()
 
 
 # -- the rules: each a pure function of one call --------------------------------------------------------------
@@ -373,8 +386,9 @@ class _ScaleTracer(TorchFunctionMode):
     Every parameter with two or more dimensions starts tagged with a scaling of its own dimension 0. A function
     without a rule marks its outputs as depending on every weight its inputs depend on in an unknown way, which
     keeps the analysis sound: it may miss an invariant weight, never report one that is not. Batch-norm modules are
-    handled as a whole by module hooks (:meth:`enter_batch_norm`, :meth:`exit_batch_norm`), so that any
-    implementation of the normalisation (ours or torch's) is recognised.
+    handled as a whole by module hooks (:meth:`enter_batch_norm`, :meth:`exit_batch_norm`) when they normalise
+    with batch statistics, so that any implementation of the normalisation (ours or torch's) is recognised; in
+    eval mode their operations are followed like any others.
     """
 
     def __init__(self, parameters: list[nn.Parameter]) -> None:
@@ -384,7 +398,8 @@ class _ScaleTracer(TorchFunctionMode):
         self.normalized: set[int] = set()
         self.escaped: set[int] = set()
         self._bn_depth = 0
-        self._bn_input_tags: list[Tag] = []
+        # One entry per batch-norm forward in progress: "through", "nested", or its input's and others' tags.
+        self._bn_stack: list[Any] = []
         for p in parameters:
             if p.dim() >= 2:
                 self.tags[p] = {id(p): Scaled("hom", -p.dim(), _IDENTITY)}
@@ -401,21 +416,41 @@ class _ScaleTracer(TorchFunctionMode):
         elif t in self.tags:
             del self.tags[t]
 
-    def enter_batch_norm(self, module: nn.Module, args: tuple) -> None:
-        if self._bn_depth == 0:
-            self._bn_input_tags.append(self.tag(args[0]) if args else {})
+    def enter_batch_norm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A batch-norm module's forward starts: with batch statistics it is followed as a whole, else through.
+
+        In eval mode (running statistics) the module is an affine map, whose operations are followed one by one
+        (:func:`rule_batch_norm` and the rules of whatever the module adds: a residual, an activation), so that a
+        BatchNorm frozen in a training model is never taken for a normalisation.
+        """
+        if self._bn_depth > 0:
+            self._bn_stack.append("nested")
+            self._bn_depth += 1
+            return
+        if not _uses_batch_statistics(module):
+            self._bn_stack.append("through")
+            return
+        source = args[0] if args else kwargs.get("input")
+        # Any other tensor argument reaches the output without normalisation: the fused layers' residual
+        # (act(BN(x) + residual)), or an argument of a subclass's forward that this analysis cannot see into.
+        others = [t for t in _tensors((args, kwargs)) if t is not source]
+        self._bn_stack.append((self.tag(source), _taint([self.tag(t) for t in others])))
         self._bn_depth += 1
 
-    def exit_batch_norm(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._bn_depth -= 1
-        if self._bn_depth > 0:
+    def exit_batch_norm(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        entry = self._bn_stack.pop()
+        if entry == "through":
             return
-        batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-        ndim = args[0].dim() if args and isinstance(args[0], Tensor) else 0
-        tag, done = normalize(self._bn_input_tags.pop(), ndim, batch_stats)
+        self._bn_depth -= 1
+        if entry == "nested":
+            return
+        source_tag, others_tag = entry
+        source = args[0] if args else kwargs.get("input")
+        ndim = source.dim() if isinstance(source, Tensor) else 0
+        tag, done = normalize(source_tag, ndim, batch_stats=True)
         self.normalized |= done
         for t in _tensors(output):
-            self._set(t, tag)
+            self._set(t, _merge(tag, others_tag))
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -565,8 +600,8 @@ class ScaleInvarianceTrace:
         stack = contextlib.ExitStack()
         for m in self.model.modules():
             if isinstance(m, _BatchNorm):
-                stack.callback(m.register_forward_pre_hook(self._tracer.enter_batch_norm).remove)
-                stack.callback(m.register_forward_hook(self._tracer.exit_batch_norm).remove)
+                stack.callback(m.register_forward_pre_hook(self._tracer.enter_batch_norm, with_kwargs=True).remove)
+                stack.callback(m.register_forward_hook(self._tracer.exit_batch_norm, with_kwargs=True).remove)
         set_stance = getattr(torch.compiler, "set_stance", None)
         if set_stance is not None:
             stack.enter_context(set_stance("force_eager"))
@@ -607,8 +642,9 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     r"""Names of the parameters whose output channels the model's output does not depend on the scale of.
 
     A weight ``W`` is reported when scaling any of its output channels (slices along dimension 0) by any
-    :math:`c > 0` leaves every output of ``model(*example_inputs)`` in training mode unchanged, because each
-    route from that channel to an output passes through a batch norm that normalises it with batch statistics:
+    :math:`c > 0` leaves every output of ``model(*example_inputs)`` unchanged in the modes the model trains in
+    (see **Modes**), because each route from that channel to an output passes through a batch norm that
+    normalises it with batch statistics:
 
     .. math::
         f(W_1, \dots, \operatorname{diag}(c)\,W, \dots) = f(W_1, \dots, W, \dots)
@@ -617,9 +653,25 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     These are the weights :class:`~normdecouple.WeightNormProjection` and :class:`~normdecouple.NormScaledLR`
     act on (PAPER.md §1).
 
-    **Method.** One forward pass on the example inputs, in training mode and without gradients, under a
-    :class:`ScaleInvarianceTrace` (a :class:`torch.overrides.TorchFunctionMode`) that tags every tensor with how it depends on each weight's
-    per-channel scale ``c``: a scaling ``c·t`` along one dimension, a scaling plus a per-channel constant
+    **Modes.** The analysis runs the model in the modes it trains in:
+
+    - a model in training mode (any module with ``training=True``) is analysed with every module's ``training``
+      flag as it is set. A BatchNorm left in eval mode inside it (the fine-tuning idiom ``model.train();
+      model.backbone.bn.eval()``, which keeps pretrained statistics) normalises with its running statistics: it
+      is a fixed per-channel affine map, not a normalisation, so the weight before it is *not* reported (its
+      scale reaches the output). The same for any ``_BatchNorm`` in eval mode, torch's, ours or a subclass.
+    - a model wholly in eval mode (every module's ``training`` is ``False``, as after ``model.eval()``) is
+      analysed as ``model.train()`` would set it, every module in training mode, and its flags are restored
+      afterwards: the documented use before training starts. To keep some BatchNorms frozen, call
+      ``model.train()`` and then ``.eval()`` on those before calling this function.
+
+    A training loop that does not call ``model.train()`` (Lightning's: it warns about modules in eval mode at
+    the start of training and leaves them so) trains in the modes as set even when they are all eval;
+    :func:`scale_invariant_parameters_as_set` analyses those modes in every case.
+
+    **Method.** One forward pass on the example inputs, in the modes above and without gradients, under a
+    :class:`ScaleInvarianceTrace` (a :class:`torch.overrides.TorchFunctionMode`) that tags every tensor with how
+    it depends on each weight's per-channel scale ``c``: a scaling ``c·t`` along one dimension, a scaling plus a per-channel constant
     ``c·t + b`` (a convolution's bias), or an unknown dependence. Convolutions (``conv1d/2d/3d``) and ``linear``
     turn a scaling of their weight's dimension 0 into a scaling of the output's channel dimension; positively
     homogeneous operations pass a scaling on (ReLU, leaky ReLU, PReLU, dropout, max/average/adaptive pooling,
@@ -629,7 +681,11 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     tensor holding each element's channel number, which shows exactly where each channel goes; a batch norm
     (any :class:`torch.nn.modules.batchnorm._BatchNorm`, which includes torch's ``BatchNorm{1,2,3}d``,
     ``SyncBatchNorm`` and normdecouple's L1/L∞ layers, or ``torch.nn.functional.batch_norm`` with batch
-    statistics) removes a scaling and a constant of its channel dimension. Every other operation makes its outputs
+    statistics) removes a scaling and a constant of its channel dimension; any other tensor it is called with
+    reaches the output unnormalised, such as the ``residual`` of the fused layers
+    (``act(BN(input) + residual)``: a weight scaling the residual is not invariant). A batch norm in eval mode
+    is followed through its operations (``batch_norm`` with running statistics is a per-channel affine map,
+    then the fused layers' residual sum and activation). Every other operation makes its outputs
     depend on its inputs' weights in an unknown way, and a value read into Python (``.item()``, ``bool``) does the
     same for every weight it depends on. A weight is reported when it is used as the weight of a convolution or
     linear layer, reaches at least one batch norm, and no output of the model depends on it. Each operation's
@@ -652,7 +708,7 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     state are left as they were. A compiled model (``torch.compile``) is analysed through its eager forward.
 
     Args:
-        model: the model, as it is called in training.
+        model: the model, as it is called in training, in the modes it trains in (or wholly in eval mode).
         *example_inputs: positional inputs of one call ``model(*example_inputs)``; a batch of at least two
             samples, as batch norm needs in training.
 
@@ -678,6 +734,47 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected model to be a torch.nn.Module (got {type(model).__name__})")
+    wholly_eval = not any(m.training for m in model.modules())
+    return _analyse(model, example_inputs, train_all=wholly_eval)
+
+
+def scale_invariant_parameters_as_set(model: nn.Module, *example_inputs: Any) -> list[str]:
+    """:func:`scale_invariant_parameters` with every module's ``training`` flag as it is, even all ``False``.
+
+    For a training loop that runs the model in the modes it finds (Lightning's, which does not call
+    ``model.train()`` at the start of fitting and restores each module's own flag after validation): the
+    analysis then sees the modes the training step runs in. A model wholly in eval mode normalises nothing
+    with batch statistics, so nothing is reported for it. Everything else is as in
+    :func:`scale_invariant_parameters`.
+
+    Args:
+        model: the model, in the modes its training step runs in.
+        *example_inputs: positional inputs of one call ``model(*example_inputs)``.
+
+    Returns:
+        list[str]: the qualified names of the scale-invariant parameters, in ``model.named_parameters()`` order.
+
+    Raises:
+        TypeError: as :func:`scale_invariant_parameters`.
+
+    Example::
+
+        >>> import torch
+        >>> from normdecouple.scale_invariance import scale_invariant_parameters_as_set
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
+        ...                             torch.nn.Linear(8, 1))
+        >>> scale_invariant_parameters_as_set(model.eval(), torch.randn(6, 4))
+        []
+
+    References: arXiv:1803.01814
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected model to be a torch.nn.Module (got {type(model).__name__})")
+    return _analyse(model, example_inputs, train_all=False)
+
+
+def _analyse(model: nn.Module, example_inputs: tuple, train_all: bool) -> list[str]:
+    """One traced forward of ``model`` (all modules in training mode if ``train_all``), its state restored."""
     if not example_inputs:
         raise TypeError(
             "expected at least one example input (got none): pass a batch as the model is called, "
@@ -690,7 +787,8 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any) -> list[s
     # A compiled model (torch.compile's wrapper) runs its original module, so that the trace sees each operation.
     eager = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
     try:
-        model.train()
+        if train_all:
+            model.train()
         with torch.random.fork_rng(devices=devices), torch.no_grad(), trace:
             output = eager(*example_inputs)
     finally:

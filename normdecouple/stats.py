@@ -67,7 +67,9 @@ __all__ = [
     "pairwise_mean_keeping_rows",
     "hypot_eps",
     "traceable_topk_constant",
+    "topk_constant_of_input",
     "channel_sums",
+    "grad_sums",
     "l1_scale",
     "linf_scale",
     "channel_major_abs_dev",
@@ -81,6 +83,7 @@ __all__ = [
     "input_grad_coefficients",
     "input_grad",
     "can_read_on_host",
+    "vmapped",
 ]
 
 
@@ -263,6 +266,28 @@ def traceable_topk_constant(n: int, k: int) -> float | Tensor:
     return topk_constant(n, k)
 
 
+@torch.library.custom_op("normdecouple::topk_constant_of_input", mutates_args=())
+def _topk_constant_of_input_op(input: Tensor, k: int) -> Tensor:
+    size = input.shape  # Size.numel() is an int also while torch.jit.trace records (its items are not)
+    return torch.tensor(topk_constant(size[:1].numel() * size[2:].numel(), k), dtype=torch.float64)
+
+
+@_topk_constant_of_input_op.register_fake
+def _(input: Tensor, k: int) -> Tensor:
+    return torch.empty((), dtype=torch.float64)
+
+
+def topk_constant_of_input(input: Tensor, k: int) -> float | Tensor:
+    """c(n, k) for the n = N * spatial values per channel of ``input``, as :func:`traceable_topk_constant`.
+
+    Under ``torch.jit.trace`` a custom op of the input itself, which the trace records: the traced graph then
+    computes c for the batch size it runs with (a size passed as an int would be recorded as the example's).
+    """
+    if torch.jit.is_tracing():
+        return _topk_constant_of_input_op(input.detach(), k)  # a constant: no gradient flows into the op
+    return traceable_topk_constant(input.numel() // input.shape[1], k)
+
+
 def scale_factor(norm: Norm, n: int, k: int) -> float | Tensor:
     """n * a_i / u_i of the module docstring: ``sqrt(pi/2)`` for L1, ``n / (k c(n, k))`` for L∞."""
     if norm is Norm.L1:
@@ -275,14 +300,34 @@ def channel_sums(v: Tensor, acc: torch.dtype) -> Tensor:
 
     Half inputs, and the (A, C, 1) views of channels_last inputs, are summed by torch's batch-norm backward
     reduction (as the bias gradient of ``v`` itself): twice as fast there as ``sum``, which first converts a
-    half tensor to ``acc`` and reduces the strided dimension slowly. Not for traced graphs (an aten op).
+    half tensor to ``acc`` and reduces the strided dimension slowly. Not for traced graphs (an aten op), nor
+    under ``vmap`` (whose rule for that op returns no bias gradient without a weight).
     """
-    if v.dtype == acc and v.shape[2] > 1 or torch.compiler.is_compiling() or v.numel() == 0:
+    if v.dtype == acc and v.shape[2] > 1 or torch.compiler.is_compiling() or v.numel() == 0 or vmapped(v):
         return v.sum(dim=(0, 2), dtype=acc)
     zeros = torch.zeros(v.shape[1], dtype=acc, device=v.device)
     return torch.ops.aten.native_batch_norm_backward(
         v, v, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, False, True]
     )[2]
+
+
+def grad_sums(grad: Tensor, values: Tensor, mean: Tensor, inv_std: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(grad * (values - mean) * inv_std), sum(grad))`` per channel, in at least float32, in one pass.
+
+    torch's fused batch-norm backward reduction (``native_batch_norm_backward`` without the input gradient), on
+    tensors of any layout. Under ``vmap`` over the backward, whose rule for that op returns nothing without a
+    weight and refuses half inputs with float32 statistics, plain reductions in ``inv_std``'s dtype instead.
+    """
+    if vmapped(grad) or vmapped(values):
+        acc = inv_std.dtype
+        dims = [0] + list(range(2, values.dim()))
+        g = grad.to(acc)
+        xhat = (values.to(acc) - per_channel(mean.to(acc), values)) * per_channel(inv_std, values)
+        return (g * xhat).sum(dim=dims), g.sum(dim=dims)
+    _, sum_grad_xhat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+        grad, values, None, None, None, mean, inv_std, True, 0.0, [False, True, True]
+    )
+    return sum_grad_xhat, sum_grad
 
 
 def l1_scale(abs_dev: Tensor, n: int, lowp: bool) -> Tensor:
@@ -483,20 +528,39 @@ def input_grad(
     """``dx = dy * gamma / s_e + offset + coef * u`` on (A, C, B) views, in the dtype of ``coef``.
 
     ``out`` (optional, of that dtype and u's shape) receives the result; it may be ``u`` itself, which saves
-    the allocation of the largest temporary of the backward.
+    the allocation of the largest temporary of the backward. It is ignored under ``vmap`` over the backward
+    (:func:`vmapped`: per-sample gradients, ``gradcheck(check_batched_grad=True)``), where the same arithmetic
+    runs out of place: vmap has no rule for ``out=`` ops, and in-place ``addcmul_`` falls back (with a warning).
     """
+    if any(vmapped(t) for t in (dy, u, gamma, inv_std, coef, offset)):
+        return torch.addcmul(u * coef[:, None] + offset[:, None], dy, (gamma * inv_std)[:, None])
     grad_x = torch.mul(u, coef[:, None]) if out is None else torch.mul(u, coef[:, None], out=out)
     return grad_x.add_(offset[:, None]).addcmul_(dy, (gamma * inv_std)[:, None])
+
+
+def vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` tensor (``vmap``, ``grad``, ...) or a batched one of
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (which vectorises the backward with torch's legacy vmap).
+
+    A backward receiving such gradients must not use ``out=`` ops or a few fused kernels whose batching rules
+    are missing or narrower than the kernels (the callers say which). False while compiling (the compiler
+    handles its own transforms, and cannot trace these checks).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)
 
 
 def can_read_on_host(t: Tensor) -> bool:
     """Whether reading ``t``'s values on the host is possible here: not while tracing or transforming.
 
-    False under ``torch.compile``/``torch.export``, for meta and fake tensors (``FakeTensorMode``), and for
+    False under ``torch.compile``/``torch.export``, while ``torch.jit.trace`` records (a value read on the host
+    would be baked into the trace), for meta and fake tensors (``FakeTensorMode``), and for
     the wrapped tensors of ``torch.func`` transforms; the callers then skip only what needs the value (the
     non-finite-statistics warning) or take a path without data-dependent shapes.
     """
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or t.device.type == "meta":
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False

@@ -82,6 +82,7 @@ def bounded_weight_norm(
         Module: ``module``, with the parametrization registered.
 
     Raises:
+        TypeError: if ``module`` is not a :class:`torch.nn.Module`.
         ValueError: if ``name`` is not a parameter of ``module``, ``p`` is not 1, 2 or inf, ``dim`` is out of
             range, ``radius`` is not a positive finite number, or a slice of the weight is zero (it has no
             direction to keep).

@@ -219,6 +219,137 @@ def test_func_grad_through_a_module_with_functional_call(norm, k):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# vmap over the backward: batched gradients (per-sample VJPs, Opacus-style DP, gradcheck(check_batched_grad=True))
+
+# The sample inputs of torch's own module suite for BatchNorm{1,2,3}d (torch.testing._internal.common_modules,
+# module_inputs_torch_nn_BatchNorm*d, torch 2.13): (rank, constructor args, constructor kwargs, input shape).
+TORCH_MODULE_SUITE_INPUTS = [
+    (1, (10,), {}, (4, 10)),
+    (1, (5,), {}, (4, 5, 3)),
+    (1, (10, 1e-3, None), {}, (4, 10)),
+    (1, (10, 1e-3, 0.3, False), {}, (4, 10)),
+    (1, (10, 1e-3, 0.3, True, False), {}, (4, 10)),
+    (1, (5, 1e-3, 0.3, False), {}, (4, 5, 3)),
+    (1, (5, 1e-3, 0.3, False), {}, (0, 5, 9)),
+    (1, (10,), {"bias": False}, (4, 10)),
+    (2, (3,), {}, (2, 3, 6, 6)),
+    (2, (3, 1e-3, None), {}, (2, 3, 6, 6)),
+    (2, (3, 1e-3, 0.8), {}, (2, 3, 6, 6)),
+    (2, (3, 1e-3, 0.8, False), {}, (2, 3, 6, 6)),
+    (2, (3, 1e-3, 0.8, True, False), {}, (2, 3, 6, 6)),
+    (2, (5, 1e-3, 0.3, False), {}, (0, 5, 2, 2)),
+    (2, (3,), {"bias": False}, (2, 3, 6, 6)),
+    (3, (3,), {}, (2, 3, 4, 4, 4)),
+    (3, (3, 1e-3, None), {}, (2, 3, 4, 4, 4)),
+    (3, (3, 1e-3, 0.7), {}, (2, 3, 4, 4, 4)),
+    (3, (3, 1e-3, 0.7, False), {}, (2, 3, 4, 4, 4)),
+    (3, (3, 1e-3, 0.7, True, False), {}, (2, 3, 4, 4, 4)),
+    (3, (5, 1e-3, 0.3, False), {}, (0, 5, 2, 2, 2)),
+    (3, (3,), {"bias": False}, (2, 3, 4, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("family", ["torch", "L1", "Linf"])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_torch_module_suite_gradients_with_batched_grad(one_thread, dim, family):
+    # torch's test_modules.py test_grad / test_gradgrad: gradcheck and gradgradcheck of the module's output with
+    # respect to its input and parameters, in train and eval mode, through torch's testing wrapper's defaults
+    # (check_batched_grad=True, fast_mode=True). torch's own layer is the reference that passes.
+    cls = getattr(torch.nn, f"BatchNorm{dim}d") if family == "torch" else getattr(nd, f"{family}BatchNorm{dim}d")
+    for rank, args, kwargs, shape in TORCH_MODULE_SUITE_INPUTS:
+        if rank != dim:
+            continue
+        for training in (True, False):
+            torch.manual_seed(0)
+            layer = cls(*args, **kwargs).double().train(training)
+            x = torch.testing.make_tensor(shape, dtype=torch.float64, device="cpu", requires_grad=True)
+            inputs = (x, *layer.parameters())
+
+            def f(*inputs):
+                return layer(inputs[0])
+
+            where = f"{cls.__name__}{args}{kwargs} {shape} training={training}"
+            assert gradcheck(f, inputs, check_batched_grad=True, fast_mode=True), where
+            assert gradgradcheck(f, inputs, check_batched_grad=True, fast_mode=True), where
+
+
+def _vjp_layers():
+    return {
+        "L1": lambda dtype, lowp: nd.L1BatchNorm2d(3, low_precision=lowp).to(dtype),
+        "Linf": lambda dtype, lowp: nd.LinfBatchNorm2d(3, k=2, low_precision=lowp).to(dtype),
+        "L1Act": lambda dtype, lowp: nd.L1BatchNormAct2d(3, low_precision=lowp).to(dtype),
+        "LinfAct": lambda dtype, lowp: nd.LinfBatchNormAct2d(3, k=2, low_precision=lowp).to(dtype),
+    }
+
+
+@pytest.mark.parametrize("layer", list(_vjp_layers()))
+@pytest.mark.parametrize("dtype,low_precision", [(torch.float64, False), (torch.float32, False),
+                                                 (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vmap_over_the_backward_equals_one_vjp_at_a_time(one_thread, layer, dtype, low_precision, channels_last):
+    # Per-sample vector-Jacobian products: torch.func.vmap over autograd.grad, and autograd.grad with
+    # is_grads_batched=True (torch's legacy vmap), against a loop of ordinary backward passes. Both batch the
+    # backward of our autograd.Functions, which must avoid out= ops and kernels without batching rules (as
+    # torch's BatchNorm backward does).
+    torch.manual_seed(0)
+    module = _vjp_layers()[layer](dtype, low_precision)
+    x = torch.randn(4, 3, 5, 3).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    inputs = (x, module.weight, module.bias)
+    y = module(x)
+    vectors = torch.randn((3,) + y.shape).to(dtype)
+    expected = [torch.stack(g) for g in zip(*[torch.autograd.grad(y, inputs, v, retain_graph=True)
+                                                for v in vectors])]
+    batched = torch.func.vmap(lambda v: torch.autograd.grad(y, inputs, v, retain_graph=True))(vectors)
+    legacy = torch.autograd.grad(y, inputs, vectors, retain_graph=True, is_grads_batched=True)
+    # The batched backward sums in other kernels (plain reductions): float roundings apart, bf16 one rounding.
+    tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1.6e-2)}[dtype]
+    for got_func, got_legacy, want in zip(batched, legacy, expected):
+        torch.testing.assert_close(got_func, want, atol=tol[0], rtol=tol[1])
+        torch.testing.assert_close(got_legacy, want, atol=tol[0], rtol=tol[1])
+
+
+@pytest.mark.parametrize("cls", [nd.L1BatchNorm2d, nd.LinfBatchNorm2d, nd.L1BatchNormAct2d, nd.LinfBatchNormAct2d])
+def test_vmap_over_the_backward_of_the_triton_kernels(one_thread, cls):
+    # The Triton Functions' backward batched too (a kernel cannot read a batched tensor: the batched backward
+    # must not launch one on it).
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    module = cls(3, backend="triton")
+    x = torch.randn(4, 3, 5, 3, requires_grad=True)
+    y = module(x)
+    vectors = torch.randn((2,) + y.shape)
+    expected = torch.stack([torch.autograd.grad(y, x, v, retain_graph=True)[0] for v in vectors])
+    batched = torch.func.vmap(lambda v: torch.autograd.grad(y, x, v, retain_graph=True)[0])(vectors)
+    legacy = torch.autograd.grad(y, x, vectors, retain_graph=True, is_grads_batched=True)[0]
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(legacy, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sync_function_refuses_batched_gradients_clearly(tmp_path):
+    import torch.distributed as dist
+
+    from normdecouple.distributed import SyncLpBatchNormFunction
+    from normdecouple.stats import Norm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 3, requires_grad=True)
+        y = SyncLpBatchNormFunction.apply(x, None, None, 1e-5, Norm.L1, 1, False, dist.group.WORLD, 1)[0]
+        vectors = torch.randn(2, 4, 3)
+        with pytest.raises(RuntimeError, match="batched gradients.*revert_sync_batchnorm"):
+            torch.autograd.grad(y, x, vectors, retain_graph=True, is_grads_batched=True)
+        with pytest.raises(RuntimeError, match="batched gradients.*revert_sync_batchnorm"):
+            torch.func.vmap(lambda v: torch.autograd.grad(y, x, v, retain_graph=True))(vectors)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Empty batches
 
 

@@ -437,6 +437,32 @@ def _both_ref(ref, x, r, grad):
     return (y, torch.autograd.grad(y, inputs, grad.double())), None
 
 
+@pytest.mark.parametrize("fused_cls, plain_cls, kw", NORMS[::2])
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: the cumulative average counts num_batches_tracked
+def test_batch_norm_act_forward_on_a_plain_layer_is_the_fused_layer(fused_cls, plain_cls, kw, momentum):
+    # What normdecouple.fuse's rewritten forwards call: a plain layer's state, the fused computation.
+    torch.manual_seed(0)
+    plain = plain_cls(5, momentum=momentum, dtype=torch.float64, **kw)
+    fused = fused_cls(5, momentum=momentum, dtype=torch.float64, activation="leaky_relu", negative_slope=0.2, **kw)
+    with torch.no_grad():
+        for layer in (plain, fused):
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.normal_()
+    fused.load_state_dict(plain.state_dict())
+    for step in range(2):
+        x = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+        y1 = normdecouple.batchnorm_act.batch_norm_act_forward(plain, x, r, "leaky_relu", 0.2, False)
+        y2 = fused(x, residual=r)
+        assert torch.equal(y1, y2)
+        g = torch.randn_like(y1)
+        for a, b in zip(torch.autograd.grad(y1, [x, r, plain.weight, plain.bias], g),
+                        torch.autograd.grad(y2, [x, r, fused.weight, fused.bias], g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(plain.state_dict(), fused.state_dict(), rtol=0, atol=0)
+    assert int(plain.num_batches_tracked) == 2
+
+
 def test_docstring_examples():
     result = doctest.testmod(normdecouple.batchnorm_act, optionflags=doctest.ELLIPSIS, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0

@@ -20,6 +20,7 @@ from torch import nn
 import normdecouple as nd
 from normdecouple.batchnorm import L1BatchNormNd, LinfBatchNormNd
 from _distributed_support import count_collectives
+from _timm_support import BatchNormAct2d, BatchNormReLU2d, FixedChannelDrop, timm_convert_sync_batchnorm
 from normdecouple.distributed import SyncL1BatchNorm, SyncLinfBatchNorm
 
 pytestmark = pytest.mark.skipif(
@@ -67,6 +68,24 @@ SCENARIOS = {
     "l1_lowp_bf16": dict(norm="l1", shape=(8, 3, 6, 5), split=(4, 4), dtype=torch.bfloat16, low_precision=True),
     "linf2_lowp_fp16": dict(norm="linf", k=2, shape=(8, 3, 6, 5), split=(5, 3), dtype=torch.float16,
                             low_precision=True),
+    # BatchNorm subclasses converted by convert_batchnorm, then synchronised (issue 19, item 13). timm's
+    # BatchNormAct2d (F.batch_norm, then drop, then act; the act in place on the norm's output, timm's default):
+    # with a drop layer and unequal batches; L∞ top-k with a cumulative average, LeakyReLU and channels_last;
+    # without activation (a residual branch's last norm) and an empty rank; untracked statistics (eval on each
+    # rank's own batch); float32 and low precision (the activation out of place).
+    "timm_l1_drop": dict(norm="l1", subclass=BatchNormAct2d, layer_kwargs=dict(drop_layer=FixedChannelDrop),
+                         shape=(8, 3, 5, 4), split=(3, 5)),
+    "timm_linf3_cumulative_cl": dict(norm="linf", k=3, subclass=BatchNormAct2d, momentum=None, channels_last=True,
+                                     layer_kwargs=dict(act_layer=nn.LeakyReLU), shape=(7, 3, 4, 5), split=(5, 2)),
+    "timm_linf1_noact_empty_rank": dict(norm="linf", k=1, subclass=BatchNormAct2d,
+                                        layer_kwargs=dict(apply_act=False), shape=(6, 2, 3, 3), split=(0, 6)),
+    "timm_l1_untracked": dict(norm="l1", subclass=BatchNormAct2d, track=False, shape=(6, 3, 2, 2), split=(4, 2)),
+    "timm_linf2_float32": dict(norm="linf", k=2, subclass=BatchNormAct2d, dtype=torch.float32,
+                               shape=(8, 3, 5, 4), split=(4, 4)),
+    "timm_l1_lowp_bf16": dict(norm="l1", subclass=BatchNormAct2d, dtype=torch.bfloat16, low_precision=True,
+                              layer_kwargs=dict(inplace=False), shape=(8, 3, 6, 5), split=(5, 3)),
+    # relu(super().forward(x)): the synchronised layer's own forward, under the user's.
+    "relu_super_linf2": dict(norm="linf", k=2, subclass=BatchNormReLU2d, shape=(8, 3, 5, 4), split=(4, 4)),
 }
 # Bad global batches: every rank must raise the same error at the same point, and the next scenario must
 # still run (no rank left behind in a collective).
@@ -89,6 +108,13 @@ def _layer(cfg: dict, sync: bool) -> nn.Module:
     kwargs = dict(momentum=cfg.get("momentum", 0.1), affine=cfg.get("affine", True),
                   track_running_stats=cfg.get("track", True), low_precision=cfg.get("low_precision", False))
     channels = cfg["shape"][1]
+    if "subclass" in cfg:
+        # The user's layer, converted as a user does: convert_batchnorm, then convert_sync_batchnorm.
+        low_precision = kwargs.pop("low_precision")
+        user = cfg["subclass"](channels, **kwargs, **cfg.get("layer_kwargs", {}))
+        norm_kwargs = {"k": cfg["k"]} if cfg["norm"] == "linf" else {}
+        layer = nd.convert_batchnorm(user, cfg["norm"], low_precision=low_precision, **norm_kwargs)
+        return nd.convert_sync_batchnorm(layer) if sync else layer
     if cfg["norm"] == "l1":
         return (SyncL1BatchNorm if sync else L1BatchNormNd)(channels, **kwargs)
     return (SyncLinfBatchNorm if sync else LinfBatchNormNd)(channels, k=cfg.get("k", 1), **kwargs)
@@ -190,6 +216,79 @@ def _run_ddp(data: dict, rank: int) -> dict:
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
+class _TimmNet(nn.Module):
+    """An EfficientNet-like block of timm-style layers: stem conv -> BatchNormAct2d (SiLU in place) -> depthwise
+    conv -> BatchNormAct2d (drop, ReLU in place) -> 1x1 conv -> BatchNormAct2d without activation, plus the
+    residual -> relu(super().forward()) layer -> pooled linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn1 = BatchNormAct2d(4, act_layer=nn.SiLU)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn2 = BatchNormAct2d(4, drop_layer=FixedChannelDrop)
+        self.pw = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn3 = BatchNormAct2d(4, apply_act=False)
+        self.bn4 = BatchNormReLU2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.bn1(self.stem(x))
+        h = self.bn3(self.pw(self.bn2(self.dw(h)))) + h
+        return self.head(self.bn4(h).mean(dim=(2, 3)))
+
+
+TIMM_NORMS = {"l1": {}, "linf": {"k": 2}}
+TIMM_LAYERS = ("bn1", "bn2", "bn3", "bn4")
+
+
+def _timm_data() -> dict:
+    model = _TimmNet().double()
+    with torch.no_grad():
+        for name in TIMM_LAYERS:
+            getattr(model, name).weight.uniform_(0.5, 1.5)
+            getattr(model, name).bias.normal_()
+    batches = [(2.0 + torch.randn(DDP_BATCH, dtype=torch.float64), torch.randn(DDP_BATCH[0], 2, dtype=torch.float64))
+               for _ in range(DDP_STEPS)]
+    return {"state": model.state_dict(), "batches": batches, "eval_x": torch.randn(DDP_BATCH, dtype=torch.float64)}
+
+
+def _train_timm(model: nn.Module, batches: list, part: slice | None = None) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=DDP_LR, momentum=0.9)
+    for x, target in batches:
+        optimizer.zero_grad()
+        x, target = (x, target) if part is None else (x[part], target[part])
+        nn.functional.mse_loss(model(x), target).backward()
+        optimizer.step()
+
+
+def _run_timm_ddp(data: dict, rank: int) -> dict:
+    """The path a timm user takes: convert_batchnorm, convert_sync_batchnorm, DDP; afterwards revert to timm's
+    classes (export, single-process evaluation)."""
+    out = {}
+    for norm, norm_kwargs in TIMM_NORMS.items():
+        model = _TimmNet().double()
+        model.load_state_dict(data["state"])
+        acts = {name: getattr(model, name).act for name in TIMM_LAYERS[:3]}
+        model = nd.convert_sync_batchnorm(nd.convert_batchnorm(model, norm, **norm_kwargs))
+        synced = {name: (type(getattr(model, name)).__mro__[1],
+                         [c for c in (SyncL1BatchNorm, SyncLinfBatchNorm) if isinstance(getattr(model, name), c)])
+                  for name in TIMM_LAYERS}
+        half = DDP_BATCH[0] // WORLD
+        _train_timm(nn.parallel.DistributedDataParallel(model), data["batches"], slice(rank * half, (rank + 1) * half))
+        trained = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        reverted = nd.revert_batchnorm(nd.revert_sync_batchnorm(model))
+        out[norm] = {
+            "state": trained,
+            "synced_bases": synced,
+            "reverted_types": {name: type(getattr(reverted, name)) for name in TIMM_LAYERS},
+            "acts_kept": all(getattr(reverted, name).act is act for name, act in acts.items()),
+            "reverted_state_equal": all(torch.equal(t, trained[name]) for name, t in reverted.state_dict().items()),
+            "eval": reverted.eval()(data["eval_x"]).detach(),
+        }
+    return out
+
+
 def _worker(rank: int, store_path: str, data_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # two ranks on a shared 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
@@ -208,6 +307,7 @@ def _worker(rank: int, store_path: str, data_path: str, out_dir: str) -> None:
                     except ValueError as error:
                         results["errors"][err_name] = str(error)
         results["ddp"] = _run_ddp(data["ddp"], rank)
+        results["timm_ddp"] = _run_timm_ddp(data["timm_ddp"], rank)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -221,6 +321,7 @@ def dist_results(tmp_path_factory):
         "scenarios": {name: _make_data(cfg) for name, cfg in SCENARIOS.items()},
         "errors": {name: torch.randn(cfg["shape"], dtype=torch.float64) for name, cfg in ERROR_SCENARIOS.items()},
         "ddp": _ddp_data(),
+        "timm_ddp": _timm_data(),
     }
     data_path = tmp / "data.pt"
     torch.save(data, data_path)
@@ -351,6 +452,44 @@ def test_ddp_training_matches_single_process(dist_results):
             torch.testing.assert_close(r["ddp"][key], value, **TOL64)
             moved = moved or not torch.equal(value, data["ddp"]["state"][key])
     assert moved
+
+
+def test_synchronised_subclass_keeps_its_activation_and_drop(dist_results):
+    # The comparison above is with the unsynchronised converted layer; here, directly: the drop layer zeroed
+    # channel 1 and ReLU clipped the rest, on the synchronised path (a layer without act keeps negatives).
+    _, ranks = dist_results
+    y = torch.cat([r["scenarios"]["timm_l1_drop"]["ys"][0] for r in ranks])
+    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1])) and y.min() == 0 and y.max() > 0
+    y = torch.cat([r["scenarios"]["timm_linf1_noact_empty_rank"]["ys"][0] for r in ranks])
+    assert y.min() < 0
+
+
+@pytest.mark.parametrize("norm", list(TIMM_NORMS))
+def test_ddp_training_of_timm_style_model_matches_single_process(dist_results, norm):
+    data, ranks = dist_results
+    data = data["timm_ddp"]
+    model = _TimmNet().double()
+    model.load_state_dict(data["state"])
+    model = nd.convert_batchnorm(model, norm, **TIMM_NORMS[norm])
+    _train_timm(model, data["batches"])
+    expected = model.state_dict()
+    reverted = nd.revert_batchnorm(model).eval()
+    expected_eval = reverted(data["eval_x"])
+    sync_class = SyncL1BatchNorm if norm == "l1" else SyncLinfBatchNorm
+    for r in ranks:
+        ours = r["timm_ddp"][norm]
+        # Synchronised forms: the user's class first, then the synchronised layer of the norm.
+        assert ours["synced_bases"] == {"bn1": (BatchNormAct2d, [sync_class]), "bn2": (BatchNormAct2d, [sync_class]),
+                                        "bn3": (BatchNormAct2d, [sync_class]), "bn4": (BatchNormReLU2d, [sync_class])}
+        assert ours["state"].keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(ours["state"][key], value, **TOL64, msg=key)
+        # Reverted to the user's classes with the trained state exactly and the same act modules.
+        assert ours["reverted_types"] == {"bn1": BatchNormAct2d, "bn2": BatchNormAct2d, "bn3": BatchNormAct2d,
+                                          "bn4": BatchNormReLU2d}
+        assert ours["acts_kept"] and ours["reverted_state_equal"]
+        torch.testing.assert_close(ours["eval"], expected_eval.detach(), **TOL64)
+    assert not torch.equal(expected["bn2.running_var"], data["state"]["bn2.running_var"])
 
 
 # Everything below runs in the test process itself, without a process group.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
+import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -188,6 +191,137 @@ def test_checkpoint_saved_after_swap_loads_into_unmodified_module(tmp_path):
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(model.x), model(model.x))
+
+
+class BuiltLate(TinyModule):
+    """TinyModule whose network is built in ``setup()`` or ``configure_model()`` (Lightning's documented places
+    to build layers, called after the callbacks' setup), as a copy of ``template`` so that a module built in
+    ``__init__`` can be compared with it."""
+
+    def __init__(self, where, template, **kwargs):
+        super().__init__(**kwargs)
+        del self.net
+        self.where = where
+        self.template = [template]  # a list: not registered as a submodule
+        self.seen = []  # the batch-norm class each training or validation step ran
+
+    def _build(self):
+        # Lightning calls the hooks again for every fit/validate: build once (its documented idiom).
+        if "net" not in self._modules:
+            self.net = copy.deepcopy(self.template[0])
+
+    def setup(self, stage):
+        if self.where == "setup":
+            self._build()
+
+    def configure_model(self):
+        if self.where == "configure_model":
+            self._build()
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(type(self.net[1]))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(type(self.net[1]))
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+@pytest.mark.parametrize("where", ["setup", "configure_model"])
+def test_batchnorm_swap_converts_layers_built_in_setup_or_configure_model(where):
+    # Side by side: the same network built in __init__ and in the hook trains identically, with L1 layers whose
+    # Parameter objects are the ones the optimizer (built before the conversion) holds.
+    early = TinyModule(dtype=torch.float64, lr=0.3, momentum=0.9)
+    late = BuiltLate(where, copy.deepcopy(early.net), dtype=torch.float64, lr=0.3, momentum=0.9)
+    make_trainer(max_steps=3, callbacks=[BatchNormSwap("l1")]).fit(early)
+    trainer = make_trainer(max_steps=3, callbacks=[BatchNormSwap("l1")])
+    trainer.fit(late)
+    assert late.seen == [normdecouple.L1BatchNorm1d] * 3
+    assert type(late.net[4]) is normdecouple.L1BatchNorm1d
+    held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in late.parameters()} == held
+    for name, t in early.state_dict().items():
+        torch.testing.assert_close(late.state_dict()[name], t, rtol=0, atol=0, msg=name)
+
+
+def test_batchnorm_swap_late_layers_running_stats_are_l1():
+    # lr=0: one step's running_var is the L1 variance-equivalent of the first batch (float64 from the formula).
+    model = BuiltLate("configure_model", TinyModule().net, lr=0.0)
+    make_trainer(max_steps=1, callbacks=[BatchNormSwap("l1")]).fit(model)
+    h = model.x[:4].double() @ model.net[0].weight.detach().double().T
+    s = math.sqrt(math.pi / 2) * (h - h.mean(0)).abs().mean(0)
+    expected = 0.9 + 0.1 * s.square() * 4 / 3
+    torch.testing.assert_close(model.net[1].running_var.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_swap_late_layers_in_validate():
+    model = BuiltLate("configure_model", TinyModule().net)
+    make_trainer(callbacks=[BatchNormSwap("linf", k=2)]).validate(model)
+    assert model.seen and set(model.seen) == {normdecouple.LinfBatchNorm1d} and model.net[1].k == 2
+
+
+def test_batchnorm_swap_late_layers_resume_with_the_checkpoints_exact_statistics(tmp_path):
+    # "16-true" builds the layers in fp16 and Lightning loads the checkpoint into them before the conversion:
+    # 1e5 overflows fp16 and 0.1 rounds; the converted float32 statistics must be the checkpoint's own values.
+    model = BuiltLate("configure_model", TinyModule().net)
+    trainer = make_trainer(max_steps=2, precision="16-true", callbacks=[BatchNormSwap("l1")])
+    trainer.fit(model)
+    path = tmp_path / "late.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    state = checkpoint["state_dict"]
+    assert state["net.1.running_var"].dtype == torch.float32
+    state["net.1.running_var"] = torch.linspace(0.1, 1e5, 8)
+    state["net.4.running_mean"] = torch.full((5,), 0.1)
+    torch.save(checkpoint, path)
+    resumed = BuiltLate("configure_model", TinyModule().net)
+    make_trainer(max_steps=2, precision="16-true", callbacks=[BatchNormSwap("l1")]).fit(resumed, ckpt_path=path)
+    for key in ("net.1.running_var", "net.4.running_mean", "net.1.running_mean", "net.4.running_var"):
+        torch.testing.assert_close(resumed.get_buffer(key), state[key], rtol=0, atol=0, msg=key)
+    assert resumed.net[0].weight.dtype == torch.float16  # the run was "16-true"
+
+
+def test_batchnorm_swap_late_layers_with_sync_batchnorm_true_are_refused():
+    model = BuiltLate("configure_model", TinyModule().net)
+    with pytest.raises(ValueError, match=r"net\.1, net\.4.*plugins=\[SyncLpBatchNorm\(\)\]"):
+        make_trainer(max_steps=1, sync_batchnorm=True, callbacks=[BatchNormSwap("l1")]).fit(model)
+
+
+@pytest.fixture
+def restored_environment():
+    """Lightning's DDP sets MASTER_ADDR/PORT and ranks in os.environ and leaves the process group initialised."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_batchnorm_swap_late_layers_join_the_sync_plugin_under_ddp(restored_environment):
+    # One DDP process in this one (gloo): the strategy applied SyncLpBatchNorm before the late layers were ours;
+    # they are synchronised for training all the same, and reverted with the rest at teardown.
+    model = BuiltLate("configure_model", TinyModule().net)
+    make_trainer(max_steps=2, strategy="ddp", plugins=[SyncLpBatchNorm()], callbacks=[BatchNormSwap("l1")]).fit(
+        model)
+    assert model.seen == [normdecouple.SyncL1BatchNorm] * 2
+    assert type(model.net[1]) is normdecouple.L1BatchNorm1d
+
+
+def test_batchnorm_swap_late_layers_under_a_sharded_strategy_are_refused():
+    # FSDP needs CUDA: its hook is called as the Trainer would, with the strategy that has wrapped the layers.
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    model = BuiltLate("configure_model", TinyModule().net)
+    model.configure_model()
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy(), state=types.SimpleNamespace(fn="fit"))
+    with pytest.raises(ValueError, match=r"net\.1', 'net\.4'.*FSDPStrategy.*configure_model"):
+        BatchNormSwap("l1").on_fit_start(trainer, model)
+    assert type(model.net[1]) is nn.BatchNorm1d  # left as it was
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,6 +648,86 @@ def test_monitor_intervals(tmp_path, interval, accumulate, expected_rows):
     assert all(float(r["angular_update/net.0.weight"]) > 0 for r in rows)
 
 
+class SelfLogging(TinyModule):
+    """Logs its loss with Lightning's own self.log, per step and per epoch: the cadence to follow."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+def logged_steps(rows, key):
+    return sorted({int(r["step"]) for r in rows if r.get(key)})
+
+
+@pytest.mark.parametrize("every, accumulate", [(2, 1), (3, 1), (1, 2), (2, 2), (0, 1)])
+def test_monitor_logs_at_the_steps_self_log_and_learning_rate_monitor_log_at(tmp_path, every, accumulate):
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    make_trainer(tmp_path, max_epochs=2, log_every_n_steps=every, accumulate_grad_batches=accumulate,
+                 logger=CSVLogger(tmp_path), callbacks=[WeightNormMonitor(params=CHOSEN), LearningRateMonitor("step")]).fit(
+        SelfLogging(batches=7))
+    rows = read_metrics(tmp_path)
+    lightning = logged_steps(rows, "train_loss_step")
+    assert lightning == logged_steps(rows, "lr-SGD")
+    assert bool(lightning) == (every > 0)  # log_every_n_steps=0 logs no step, without an error
+    for key in ("weight_norm", "effective_lr", "angular_update"):
+        assert logged_steps(rows, f"{key}/net.0.weight") == lightning, key
+
+
+def test_monitor_by_epoch_logs_at_the_step_of_self_logs_epoch_values(tmp_path):
+    make_trainer(tmp_path, max_epochs=3, logger=CSVLogger(tmp_path),
+                 callbacks=[WeightNormMonitor("epoch", params=CHOSEN)]).fit(SelfLogging(batches=3))
+    rows = read_metrics(tmp_path)
+    assert logged_steps(rows, "angular_update/net.0.weight") == logged_steps(rows, "train_loss_epoch") == [2, 5, 8]
+
+
+class RawStep(Callback):
+    """The weights and the raw gradients of the chosen weights before the step (NormScaledLR scales them later, in
+    on_before_optimizer_step)."""
+
+    def on_after_backward(self, trainer, pl_module):
+        self.weights = {n: pl_module.get_parameter(n).detach().clone() for n in CHOSEN}
+        self.grads = {n: pl_module.get_parameter(n).grad.detach().clone() for n in CHOSEN}
+
+
+@pytest.mark.parametrize("reference", [None, 0.5])
+def test_monitor_effective_lr_is_the_step_of_the_direction(tmp_path, reference):
+    # Plain SGD on exactly scale-invariant weights (float64, eps=1e-300): the step f·lr·g is orthogonal to w, so
+    # the channel turns by tan θ = f·lr·‖g‖/‖w‖, and the gradient on the unit sphere is ∇L(ŵ) = ‖w‖·g: the step
+    # size of the direction, per unit of ∇L(ŵ), is tan θ / (‖w‖·‖g‖). NormScaledLR's f = (‖w‖/ρ)² makes it lr/ρ².
+    model = NoForward(dtype=torch.float64, lr=0.3)
+    raw = RawStep()
+    callbacks = [WeightNormMonitor(params=CHOSEN), raw]
+    if reference is not None:
+        callbacks.append(NormScaledLR(params=CHOSEN, reference=reference))
+    make_trainer(tmp_path, max_steps=1, log_every_n_steps=1, logger=CSVLogger(tmp_path), callbacks=callbacks).fit(
+        model)
+    (row,) = [r for r in read_metrics(tmp_path) if r.get("effective_lr/net.0.weight")]
+    for name in CHOSEN:
+        w0, g, w1 = raw.weights[name], raw.grads[name], model.get_parameter(name).detach()
+        tan = channel_norms(w1 - w0) / channel_norms(w0)
+        step_of_direction = tan / (channel_norms(w0) * channel_norms(g))
+        logged = float(row[f"effective_lr/{name}"])
+        assert logged == pytest.approx(step_of_direction.mean().item(), rel=1e-9)
+        if reference is not None:
+            assert logged == pytest.approx(0.3 / reference**2, rel=1e-9)
+
+
+def test_monitor_effective_lr_under_norm_scaled_lr_with_adam(tmp_path):
+    # Adam's update ignores the gradient's scale: the direction moves with lr/‖w‖, which NormScaledLR's factor
+    # ‖w‖/ρ turns into lr/ρ whatever the norm has become.
+    make_trainer(tmp_path, max_steps=3, log_every_n_steps=1, logger=CSVLogger(tmp_path),
+                 callbacks=[NormScaledLR(reference=0.5), WeightNormMonitor()]).fit(
+        TinyModule(optimizer="adam", lr=0.01))
+    rows = [r for r in read_metrics(tmp_path) if r.get("effective_lr/net.3.weight")]
+    assert len(rows) == 3
+    for r in rows:
+        assert float(r["weight_norm/net.3.weight"]) != pytest.approx(0.5, rel=1e-3)  # the norm is not ρ
+        assert float(r["effective_lr/net.3.weight"]) == pytest.approx(0.01 / 0.5, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A LightningModule without forward: training_step calls self.net directly (as in Lightning's own docs)
 
@@ -582,6 +796,58 @@ def test_module_without_forward_and_batch_to_inputs_is_a_clear_error():
     with pytest.raises(ValueError, match="example_input_array.*params="):
         make_trainer(max_steps=1, callbacks=[WeightNormProjection(batch_to_inputs=lambda b: (b[0],))]).fit(
             NoForward())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# params="auto" in the modes the training step runs in (API.md §7), on every path
+
+
+class FrozenFirstBatchNorm(TinyModule):
+    """The fine-tuning idiom: net.1 frozen in eval mode with pretrained-like statistics by the module's own
+    on_fit_start, which Lightning runs after the callbacks' on_fit_start. net.0.weight then reaches the output
+    through a fixed affine map and is not scale-invariant; net.3.weight still is."""
+
+    def __init__(self, path, **kwargs):
+        super().__init__(example=path == "example_input_array", **kwargs)
+        with torch.no_grad():
+            self.net[1].running_mean.copy_(torch.linspace(-1, 1, 8))
+            self.net[1].running_var.copy_(torch.linspace(0.5, 2, 8))
+
+    def on_fit_start(self):
+        self.net[1].eval()
+
+
+class FrozenNoForward(FrozenFirstBatchNorm):
+    forward = pl.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+@pytest.mark.parametrize("path", ["example_input_array", "first-batch", "no-forward"])
+def test_auto_analyses_the_modes_the_training_step_runs_in(path):
+    model = (FrozenNoForward if path == "no-forward" else FrozenFirstBatchNorm)(path, lr=0.3)
+    head_norms = channel_norms(model.net[0].weight)
+    projection = WeightNormProjection(radius=2.0)
+    make_trainer(max_steps=3, callbacks=[projection]).fit(model)
+    assert not model.net[1].training and model.net[4].training  # the modes the steps ran in
+    assert list(projection.state_dict()["hooks"]["0"]["radius"]) == ["net.3.weight"]
+    torch.testing.assert_close(channel_norms(model.net[3].weight), torch.full((5,), 2.0, dtype=torch.float64))
+    # net.0.weight trained unprojected (its norms moved, and not to 2).
+    norms = channel_norms(model.net[0].weight)
+    assert not torch.allclose(norms, head_norms) and not torch.allclose(norms, torch.full_like(norms, 2.0))
+
+
+@pytest.mark.parametrize("module", [TinyModule, NoForward], ids=["forward", "no-forward"])
+def test_a_module_wholly_in_eval_is_analysed_in_eval_on_both_paths(module):
+    # Lightning trains a module left in eval mode in eval mode (it warns, and does not call train()): no
+    # BatchNorm normalises with batch statistics, so no weight is scale-invariant, whichever path finds them.
+    model = module(dtype=torch.float64)
+    model.eval()
+    with pytest.raises(ValueError, match="found no scale-invariant weight"):
+        make_trainer(max_steps=2, callbacks=[WeightNormProjection(radius=2.0)]).fit(model)
+    assert not model.training
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from lightning_callbacks import (  # noqa: E402
     WeightNormProjection,
 )
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
+from _timm_support import BatchNormAct2d  # noqa: E402
 
 LOCAL_BATCH = 4
 STEPS = 3
@@ -65,6 +66,16 @@ class DDPModule(pl.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=self.batch_size, sampler=sampler, shuffle=False)
 
 
+class TimmDDPModule(DDPModule):
+    """The same data through timm's ``BatchNormAct2d`` pattern (``F.batch_norm``, then an in-place ReLU)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__(batch_size)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Unflatten(1, (5, 1, 1)), BatchNormAct2d(5),
+                                 nn.Flatten(), nn.Linear(5, 1)).double()
+
+
 def trainer(**kwargs):
     return pl.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, num_sanity_val_steps=0, use_distributed_sampler=False,
@@ -98,3 +109,24 @@ def test_ddp_two_processes_equal_one_process_on_global_batch(tmp_path):
     with open(metrics) as f:
         rows = [r for r in csv.DictReader(f) if r.get("weight_norm/net.0.weight")]
     assert len(rows) == STEPS
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_synchronise_a_converted_timm_layer():
+    # SyncLpBatchNorm applies normdecouple.convert_sync_batchnorm, which now synchronises converted BatchNorm
+    # subclasses (issue 19, item 13): two processes equal one process on the global batch.
+    ddp = TimmDDPModule(LOCAL_BATCH)
+    trainer(strategy="ddp_spawn", devices=2, plugins=[SyncLpBatchNorm()], logger=False,
+            callbacks=[BatchNormSwap("linf", k=2), WeightNormProjection(radius=2.0)]).fit(ddp)
+    single = TimmDDPModule(2 * LOCAL_BATCH)
+    trainer(devices=1, logger=False, callbacks=[BatchNormSwap("linf", k=2), WeightNormProjection(radius=2.0)]
+            ).fit(single)
+
+    assert type(ddp.net[2]) is BatchNormAct2d  # this process's module: the user's class, the trained state
+    assert single.net[2].num_batches_tracked.item() == ddp.net[2].num_batches_tracked.item() == STEPS
+    torch.testing.assert_close(ddp.net[2].running_mean, single.net[2].running_mean)
+    torch.testing.assert_close(ddp.net[2].running_var, single.net[2].running_var)
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(ddp.get_parameter(name), p)
+    # params="auto" found net.0.weight through the synchronised subclass layer, on each rank.
+    torch.testing.assert_close(torch.linalg.vector_norm(ddp.net[0].weight, dim=1), torch.full((5,), 2.0).double())

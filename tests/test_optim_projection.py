@@ -314,10 +314,12 @@ def test_params_auto_and_names():
     model = _net()
     x = _batches(1)[0][0]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert nd.WeightNormProjection(opt, model=model, example_inputs=(x,)).keys == INVARIANT
-    assert nd.WeightNormProjection(opt, model=model, example_inputs=x).keys == INVARIANT
-    assert nd.WeightNormProjection(opt, ["3.weight"], model=model).keys == ["3.weight"]
-    assert "p=2" in repr(nd.WeightNormProjection(opt, ["3.weight"], model=model))
+    for args, kwargs, keys in (((), dict(example_inputs=(x,)), INVARIANT), ((), dict(example_inputs=x), INVARIANT),
+                               ((["3.weight"],), {}, ["3.weight"])):
+        hook = nd.WeightNormProjection(opt, *args, model=model, **kwargs)
+        assert hook.keys == keys
+        assert "p=2" in repr(hook)
+        hook.remove()  # one projection per parameter: the next is refused while this one is attached
 
 
 @pytest.mark.slow
@@ -438,3 +440,91 @@ def test_malformed_state_is_a_value_error_naming_what_is_missing(drop):
         proj.load_state_dict([1, 2])
     with pytest.raises(ValueError, match="'radius' to be a dict"):
         proj.load_state_dict({**proj.state_dict(), "radius": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One projection per parameter, param groups added later, stale gradients (issue 19, items 5, 10, 11)
+
+
+def test_a_second_projection_on_a_parameter_is_refused():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = WeightNormProjection(opt, INVARIANT, model=model, radius=1.0)
+    with pytest.raises(ValueError, match=r"parameter '0.weight' already has a WeightNormProjection"):
+        WeightNormProjection(opt, ["0.weight"], model=model, radius=2.0)
+    # Refused before anything moved: the weights are still on the first hook's spheres.
+    torch.testing.assert_close(_norms(model[0].weight), torch.ones(4, dtype=F64), rtol=1e-14, atol=0)
+    first.remove()
+    WeightNormProjection(opt, ["0.weight"], model=model, radius=2.0)
+
+
+def _backbone_and_head():
+    model = _net()
+    backbone = [model[0].weight, model[1].weight, model[1].bias]
+    head = [p for p in model.parameters() if all(p is not q for q in backbone)]
+    return model, backbone, head
+
+
+@pytest.mark.parametrize("radius", ["init", 1.5])
+def test_param_groups_added_after_attach_are_projected_from_their_first_step(radius):
+    model, backbone, head = _backbone_and_head()
+    x = _batches(1)[0][0]
+    opt = torch.optim.SGD(head, lr=0.5, momentum=0.9)
+    proj = WeightNormProjection(opt, model=model, example_inputs=(x,), radius=radius)
+    assert proj.keys == ["3.weight"]
+    _train(model, opt, _batches(2))
+    proj.scale_radius(2.0)  # a norm schedule under way: the joining weight's radius is its norm when it joins
+    joined_norms = _norms(model[0].weight).clone()  # untouched so far: frozen, not in the optimizer
+    opt.add_param_group({"params": backbone, "lr": 0.05})
+    for t in range(3):
+        _train(model, opt, _batches(1))
+        expected = joined_norms if radius == "init" else torch.full_like(joined_norms, 2.0 * radius)
+        torch.testing.assert_close(_norms(model[0].weight), expected, rtol=1e-13, atol=0)
+    assert proj.keys == INVARIANT[::-1]
+    torch.testing.assert_close(proj.radii["0.weight"], expected, rtol=1e-15, atol=0)
+
+
+def test_weight_joining_between_backward_and_step_takes_the_step_of_one_projected_before_the_backward():
+    # Plain PyTorch: add_param_group after backward, then step. The joining weight is projected in the step's
+    # pre-hook and its gradient becomes the one at the projected weight (g(c w) = g(w)/c), so the step equals that
+    # of a run in which it was on its sphere from the start (float64, eps=1e-300).
+    model, backbone, head = _backbone_and_head()
+    early = copy.deepcopy(model)
+    x, y = _batches(1)[0]
+    opt = torch.optim.SGD(head, lr=0.5)
+    WeightNormProjection(opt, model=model, example_inputs=(x,), radius=1.5)
+    early_backbone = [early[0].weight, early[1].weight, early[1].bias]
+    early_head = [p for p in early.parameters() if all(p is not q for q in early_backbone)]
+    early_opt = torch.optim.SGD([{"params": early_head}, {"params": early_backbone}], lr=0.5)
+    WeightNormProjection(early_opt, INVARIANT, model=early, radius=1.5)
+    for m in (model, early):
+        nn.functional.cross_entropy(m(x), y).backward()
+    opt.add_param_group({"params": backbone})
+    opt.step()
+    early_opt.step()
+    for (n, p), q in zip(model.named_parameters(), early.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_step_without_a_fresh_gradient_is_not_projected():
+    # The optimizer steps again with the gradients of the last backward (Lightning's SWA does so at the end of its
+    # batch-norm epoch, after recomputing the statistics): the projection leaves the weights as the optimizer put
+    # them (compared with a twin optimizer without the hook).
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    WeightNormProjection(opt, INVARIANT, model=model, radius=1.0)
+    _train(model, opt, _batches(1))
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin_opt.step()
+    for (n, p), q in zip(model.named_parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    assert not torch.allclose(_norms(model[0].weight), torch.ones(4, dtype=F64))  # it moved, and was left so
+    # A new backward (into the same gradient tensors, as zero_grad(set_to_none=False) leaves them) projects again.
+    opt.zero_grad(set_to_none=False)
+    x, y = _batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(_norms(model[0].weight), torch.ones(4, dtype=F64), rtol=1e-13, atol=0)

@@ -49,9 +49,11 @@ def _output(model, x):
     return out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
 
 
-def _invariant_numerically(model, name, x) -> bool:
-    """Whether scaling random output channels of ``name`` by random factors leaves the output unchanged."""
-    model.train()
+def _invariant_numerically(model, name, x, as_set=False) -> bool:
+    """Whether scaling random output channels of ``name`` by random factors leaves the output unchanged, in
+    training mode (``as_set``: in the modes the modules are in, e.g. with a BatchNorm frozen in eval)."""
+    if not as_set:
+        model.train()
     before = _output(model, x)
     w = model.get_parameter(name)
     saved = w.detach().clone()
@@ -73,6 +75,25 @@ def _check(model, x, expected):
     for name, p in model.named_parameters():
         if name.endswith("weight") and p.dim() >= 2:
             assert _invariant_numerically(model, name, x) == (name in expected), name
+
+
+def _check_as_set(model, x, expected):
+    """:func:`_check` in the modes the model is in (a frozen BatchNorm stays in eval mode)."""
+    names = scale_invariant_parameters(model, x)
+    assert names == expected
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() >= 2:
+            assert _invariant_numerically(model, name, x, as_set=True) == (name in expected), name
+
+
+def _frozen(bn):
+    """A BatchNorm in eval mode with pretrained-like statistics and affine parameters (not the identity)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for t, (lo, hi) in ((bn.running_mean, (-1, 1)), (bn.running_var, (0.5, 2)), (bn.weight, (0.5, 1.5)),
+                            (bn.bias, (-0.5, 0.5))):
+            t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * (hi - lo) + lo)
+    return bn.eval()
 
 
 class _Basic(nn.Module):
@@ -439,10 +460,14 @@ def test_layer_and_batch_norm_rules_report_what_they_establish():
     bn = RULES["batch_norm"](_call("batch_norm", (out, None, None), {"training": True},
                                     {id(out): outcome.tags[0]}, [torch.ones(4, 2, 5, 5)]))
     assert bn.tags == [{}] and bn.normalized == {9}
-    # With running statistics in eval mode nothing is normalised.
+    # With running statistics in eval mode nothing is normalised: y = a_c x + b_c passes a channel scaling on
+    # with a per-channel constant added; a scaling of another dimension meets a per-channel b_c: unknown.
     rm, rv = torch.zeros(2), torch.ones(2)
     bn = RULES["batch_norm"](_call("batch_norm", (out, rm, rv), {"training": False},
                                     {id(out): outcome.tags[0]}, [torch.ones(4, 2, 5, 5)]))
+    assert bn.tags == [{9: Scaled("aff", -3, "id")}] and bn.normalized == frozenset()
+    bn = RULES["batch_norm"](_call("batch_norm", (out, rm, rv), {"training": False},
+                                    {id(out): {9: Scaled("hom", -1, "id")}}, [torch.ones(4, 2, 5, 5)]))
     assert bn.tags == [{9: TAINT}] and bn.normalized == frozenset()
 
 
@@ -465,3 +490,145 @@ def test_trace_of_a_real_training_step_has_no_side_effect_of_its_own():
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
     for b, c in zip(model.buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The modes the model trains in (API.md §7): frozen BatchNorms, a model wholly in eval, the fused layers' residual
+
+
+def _frozen_bn_model():
+    """conv -> BatchNorm -> ReLU -> conv -> BatchNorm -> head, in float64; the first BatchNorm is the one frozen."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), _bn2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 5, 3, padding=1, bias=False), _bn2d(5), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(180, 2)).to(F64)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: a BatchNorm subclass with its own activation in forward."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+FROZEN_LAYERS = {
+    "torch": lambda c: nn.BatchNorm2d(c),
+    "l1": lambda c: nd.L1BatchNorm2d(c),
+    "linf": lambda c: nd.LinfBatchNorm2d(c, k=2),
+    "l1-fused-relu": lambda c: nd.L1BatchNormAct2d(c),
+    "subclass-with-relu": _BatchNormAct,
+}
+
+
+@pytest.mark.parametrize("layer", FROZEN_LAYERS.values(), ids=FROZEN_LAYERS.keys())
+def test_a_batch_norm_frozen_in_eval_inside_a_training_model_is_not_a_normalisation(layer):
+    # The fine-tuning idiom model.train(); model.bn.eval(): the frozen layer is an affine map with its pretrained
+    # statistics, so the convolution before it is not scale-invariant (scaling it changes the output).
+    model = _frozen_bn_model().train()
+    model[1] = _frozen(layer(4).to(F64))
+    _check_as_set(model, X.to(F64), ["3.weight"])
+    assert model.training and not model[1].training  # analysed in these modes, and left in them
+
+
+def test_a_model_wholly_in_eval_is_analysed_as_model_train_sets_it():
+    model = _frozen_bn_model()
+    _frozen(model[1])
+    model.eval()
+    assert scale_invariant_parameters(model, X.to(F64)) == ["0.weight", "3.weight"]
+    assert not any(m.training for m in model.modules())  # restored
+    # That is the answer for the model as model.train() sets it (every BatchNorm normalising).
+    _check(model, X, ["0.weight", "3.weight"])
+    # A model with any module in training mode is analysed as set, even with the root in eval.
+    model.eval()
+    model[4].train()
+    _check_as_set(model, X.to(F64), ["3.weight"])
+
+
+def test_a_frozen_batch_norm_before_a_normalising_one_passes_the_scale_on():
+    # conv -> frozen BN (c·a·t + b per channel) -> BatchNorm with batch statistics, which removes both.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), _bn2d(4), _bn2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(144, 2)).to(F64).train()
+    _frozen(model[1])
+    _check_as_set(model, X.to(F64), ["0.weight"])
+
+
+def test_batch_norms_frozen_inside_residual_blocks():
+    # One in a shortcut (its convolution's scale reaches the sum unnormalised), one on the main path just
+    # before the sum (the same for conv2 of that block); every other weight stays scale-invariant.
+    model = _resnet(_Basic).to(F64).train()
+    _frozen(model[3].down[1])
+    _frozen(model[4].bn2)
+    _check_as_set(model, X.to(F64), ["0.weight", "3.conv1.weight", "3.conv2.weight", "4.conv1.weight"])
+
+
+def test_batch_norms_without_gradients_or_running_statistics_follow_torchs_rule():
+    # torch normalises with batch statistics in training mode, or in eval mode when the layer has no running
+    # statistics; Lightning's BaseFinetuning.freeze_module sets requires_grad=False and track_running_stats=False
+    # and leaves the layer in training mode, where it still normalises.
+    def model(bn):
+        return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), bn, nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)).to(F64)
+
+    frozen_params = model(_bn2d(4)).train()
+    frozen_params[1].requires_grad_(False)
+    frozen_params[1].track_running_stats = False
+    _check_as_set(frozen_params, X.to(F64), ["0.weight"])
+    frozen_params[0].train()
+    frozen_params[1].eval()  # the buffers are still there: torch uses them in eval
+    _check_as_set(frozen_params, X.to(F64), [])
+    no_buffers = model(nn.BatchNorm2d(4, eps=EPS, track_running_stats=False)).train()
+    no_buffers[1].eval()
+    _check_as_set(no_buffers, X.to(F64), ["0.weight"])
+
+
+class _FusedResidual(nn.Module):
+    """h = stem(x); out = act(bn1(conv(bn0(h))) + h), fused (``bn1(z, residual=h)``) or not."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn0 = _bn2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nd.L1BatchNorm2d(4, eps=EPS) if how == "unfused" else nd.L1BatchNormAct2d(4, eps=EPS)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(256, 2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        z = self.conv(self.bn0(h))
+        if self.how == "unfused":
+            return self.head(F.relu(self.bn1(z) + h))
+        return self.head(self.bn1(z, h) if self.how == "positional" else self.bn1(z, residual=h))
+
+
+@pytest.mark.parametrize("how", ["residual=", "positional", "unfused"])
+def test_the_fused_layers_residual_is_part_of_the_output_scale(how):
+    # The residual carries stem's scale past bn1: stem is not invariant, conv (normalised by bn1) is; the fused
+    # layer must give the unfused sum's answer, checked by scaling each weight.
+    _check(_FusedResidual(how), X, ["conv.weight"])
+
+
+@pytest.mark.parametrize("how", ["residual=", "unfused"])
+def test_a_fused_layer_with_a_residual_frozen_in_eval(how):
+    model = _FusedResidual(how).to(F64).train()
+    _frozen(model.bn1)
+    _check_as_set(model, X.to(F64), [])
+
+
+@pytest.mark.parametrize("build", ["frozen", "fused-residual"])
+def test_projection_attached_by_auto_leaves_the_output_unchanged(build):
+    # WeightNormProjection(params="auto", radius=1.0) puts every weight it chose on the unit sphere at attach:
+    # for truly scale-invariant weights the model's output is unchanged.
+    if build == "frozen":
+        model = _frozen_bn_model().train()
+        _frozen(model[1])
+        expected = ["3.weight"]
+    else:
+        model = _FusedResidual("residual=").to(F64).train()
+        expected = ["conv.weight"]
+    x = X.to(F64)
+    before = _output(model, x)
+    hook = nd.WeightNormProjection(torch.optim.SGD(model.parameters(), lr=0.1), radius=1.0, model=model,
+                                   example_inputs=(x,))
+    assert hook.keys == expected
+    norms = torch.linalg.vector_norm(model.get_parameter(expected[0]).flatten(1), dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # moved onto the sphere
+    torch.testing.assert_close(_output(model, x), before, rtol=1e-10, atol=1e-12)

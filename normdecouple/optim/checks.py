@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "NORM_ORDERS",
+    "check_band",
     "check_norm_order",
     "check_optimizer",
     "check_positive_number",
@@ -61,6 +62,26 @@ def check_radius(value: Any, what: str = "radius", owner: str | None = None) -> 
     return check_positive_number(
         value, what, f"or {what}='init' to use each channel's norm when the hook attaches", owner
     )
+
+
+def check_band(band: Any, owner: str | None = None) -> float:
+    """``band`` as a float if it is a finite real number of at least 1 (not a bool), else a ``ValueError``.
+
+    The band of :class:`~normdecouple.NormScaledLR`: a channel is renormalised when its norm leaves
+    ``[ρ / band, ρ · band]``; 1 renormalises before every step.
+
+    Example::
+
+        >>> from normdecouple.optim.checks import check_band
+        >>> check_band(1.05)
+        1.05
+    """
+    if isinstance(band, bool) or not isinstance(band, (int, float)) or not 1 <= band < math.inf:
+        raise ValueError(
+            f"{_prefix(owner)}expected band to be a finite number of at least 1 (got {band!r}): the factor by which "
+            "a channel's norm may drift from its reference before the weight is renormalised, e.g. band=1.05"
+        )
+    return float(band)
 
 
 def check_power(power: Any, owner: str | None = None) -> int | str:

@@ -5,21 +5,13 @@ References: arXiv:1803.01814
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._common import (
-    ChannelHook,
-    Key,
-    ParamsArg,
-    channel_norms,
-    check_nonzero,
-    load_state_from_dict,
-    required_entries,
-    state_to_dict,
-)
+from ._common import ChannelHook, Key, ParamsArg, channel_norms, check_nonzero, required_entries
 from .checks import check_norm_order, check_optimizer, check_positive_number, check_radius
 
 __all__ = ["WeightNormProjection"]
@@ -46,7 +38,13 @@ class WeightNormProjection(ChannelHook):
     its ``state_dict()`` and LR schedulers unchanged. A step that :class:`torch.amp.GradScaler` skips (inf/NaN
     gradients) does not call ``optimizer.step()``, so nothing is projected either (a ``fused=True`` optimizer is
     stepped with ``found_inf`` instead and leaves its weights alone; projecting them again changes them only by
-    rounding). Parameters without a gradient are left alone, like torch's optimizers leave them. The projection
+    rounding). Parameters without a gradient are left alone, like torch's optimizers leave them, and so are those
+    whose gradient is the unchanged tensor of the step before: a step taken without a backward since (Lightning's
+    ``StochasticWeightAveraging`` ends its batch-norm epoch with one, after recomputing the running statistics of
+    the averaged weights, which a projection would then no longer match). Param groups added to the optimizer
+    later are followed: with ``params="auto"`` their scale-invariant weights are taken on (radius measured, or
+    the weights projected, when they join, before that step); a second ``WeightNormProjection`` on a parameter
+    is refused. The projection
     runs in place and without copies on any strides (channels_last included), eagerly around a model that may be
     compiled with :func:`torch.compile`. Cost: one read of the chosen weights for the norms and one in-place
     scaling (benchmarks/optim_overhead.py).
@@ -66,7 +64,8 @@ class WeightNormProjection(ChannelHook):
         optimizer: the optimizer that updates the weights.
         params: ``"auto"`` (the default: the weights :func:`~normdecouple.scale_invariant_parameters` finds,
             which needs ``model`` and ``example_inputs``), or an iterable of parameters or of parameter names
-            (names need ``model``). Each must be in the optimizer.
+            (names need ``model``). Each must be in the optimizer; with ``"auto"``, those not in it yet are taken
+            on when added (a warning says so when none is in it yet).
         p: the norm, 1, 2 or ``math.inf``. Default: 2.
         radius: ``"init"`` (each channel's ``p``-norm when the hook attaches) or a positive number used for every
             channel, in which case the weights are projected at once. Default: ``"init"``.
@@ -77,9 +76,10 @@ class WeightNormProjection(ChannelHook):
 
     Raises:
         TypeError: if ``optimizer`` is not a :class:`torch.optim.Optimizer` or ``params`` has the wrong type.
-        ValueError: if a chosen parameter is not in the optimizer or is 1-D (without ``allow_1d=True``), ``p`` is
-            not 1, 2 or inf, ``radius`` is not ``"init"`` nor a positive finite number, a chosen channel is zero,
-            or ``params="auto"`` lacks ``model``/``example_inputs`` or finds nothing.
+        ValueError: if a chosen parameter is not in the optimizer or is 1-D (without ``allow_1d=True``) or already
+            has a ``WeightNormProjection``, ``p`` is not 1, 2 or inf, ``radius`` is not ``"init"`` nor a positive
+            finite number, a chosen channel is zero, or ``params="auto"`` lacks ``model``/``example_inputs`` or
+            finds nothing.
 
     Example::
 
@@ -101,6 +101,7 @@ class WeightNormProjection(ChannelHook):
     """
 
     _owner = "WeightNormProjection"
+    _what = "radius"
 
     def __init__(
         self,
@@ -112,23 +113,46 @@ class WeightNormProjection(ChannelHook):
         model: nn.Module | None = None,
         example_inputs: Any = None,
         allow_1d: bool = False,
+        _found: Sequence[str] | None = None,
     ) -> None:
+        # _found: the names of the scale-invariant weights, found by the caller (the Lightning callbacks analyse
+        # the training step themselves), in place of the analysis params="auto" runs.
         check_optimizer(optimizer)
         p = check_norm_order(p)
-        radius = check_radius(radius)
-        super().__init__(optimizer, params, model, example_inputs, allow_1d)
+        self._radius = check_radius(radius)
+        super().__init__(optimizer, params, model, example_inputs, allow_1d, _found)
         self.p = p
         self._radius_scale = 1.0
         with torch.no_grad():
-            norms = channel_norms(self.params, p, self.channel_dims)
-            check_nonzero(norms, self.keys, self._owner, "give those channels non-zero values, or leave the "
-                          "parameter out of params")
-            if radius == "init":
-                self._radii = norms
-            else:
-                self._radii = [torch.full_like(n, radius) for n in norms]
-                self._project(range(len(self.params)))
+            check_nonzero(channel_norms(self.params, p, self.channel_dims), self.keys, self._owner,
+                          "give those channels non-zero values, or leave the parameter out of params")
+            self._claim(range(len(self.params)))
+            self._on_join(list(range(len(self.params))), rescale_grads=False)
+        self._realign()
+        # The pre-hook follows param groups (a weight that joins is measured or projected before its first step).
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def _on_join(self, indices: list[int], rescale_grads: bool = True) -> None:
+        if not indices:
+            return
+        norms = channel_norms([self.params[i] for i in indices], self.p, [self.channel_dims[i] for i in indices])
+        check_nonzero(norms, [self.keys[i] for i in indices], self._owner,
+                      "give those channels non-zero values, or leave the parameter out of params")
+        if self._radius == "init":
+            # A weight that joins after scale_radius() keeps its norm: its base radius is that norm unscaled.
+            self._values.update({self.keys[i]: n / self._radius_scale for i, n in zip(indices, norms)})
+            return
+        self._values.update({self.keys[i]: torch.full_like(n, self._radius) for i, n in zip(indices, norms)})
+        self._realign()
+        factors = self._project(indices)
+        if rescale_grads:
+            # A weight projected between its backward and its step: its gradient becomes the one at the
+            # projected weight (g(c w) = g(w) / c for a scale-invariant weight).
+            for i, c in zip(indices, factors):
+                grad = self.params[i].grad
+                if grad is not None:
+                    grad.div_(c.to(grad.dtype))
 
     @property
     def radius_scale(self) -> float:
@@ -137,8 +161,11 @@ class WeightNormProjection(ChannelHook):
 
     @property
     def radii(self) -> dict[Key, Tensor]:
-        """The current radius of each output channel, ``{key: 1-D tensor}`` (a copy)."""
-        return {k: (r * self._radius_scale).reshape(-1) for k, r in zip(self.keys, self._radii)}
+        """The current radius of each output channel, ``{key: 1-D tensor}`` (a copy).
+
+        Every parameter the hook has measured, including one that left the optimizer.
+        """
+        return {k: v * self._radius_scale for k, v in self._values_state().items()}
 
     def scale_radius(self, factor: float) -> None:
         r"""Multiplies every radius by ``factor`` and moves the weights onto the new spheres now.
@@ -162,29 +189,50 @@ class WeightNormProjection(ChannelHook):
         with torch.no_grad():
             self._project(range(len(self.params)))
 
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        with torch.no_grad():
+            self._follow_param_groups()
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         with torch.no_grad():
-            self._project(self._with_grad())
+            indices = self._fresh()
+            self._project(indices)
+            self._mark_seen(indices)
 
-    def _project(self, indices: Any) -> None:
+    def _project(self, indices: Any) -> list[Tensor]:
+        """Projects ``self.params[i]`` onto their spheres; returns the per-channel factors applied."""
         indices = list(indices)
         if not indices:
-            return
+            return []
         weights = [self.params[i] for i in indices]
         norms = channel_norms(weights, self.p, [self.channel_dims[i] for i in indices])
         # A channel that became exactly zero has no direction: it stays zero rather than turning into NaN.
-        factors = [torch.where(n > 0, self._radii[i] * self._radius_scale / n, 1.0) for i, n in zip(indices, norms)]
+        factors = [torch.where(n > 0, self._aligned[i] * self._radius_scale / n, 1.0) for i, n in zip(indices, norms)]
         torch._foreach_mul_(weights, factors)
+        return factors
 
     def state_dict(self) -> dict[str, Any]:
-        """The hook's state: ``p``, ``radius_scale`` and each chosen parameter's per-channel base radius.
+        """The hook's state: ``p``, ``radius_scale``, each parameter's per-channel base radius and the keys of the
+        parameters it waits for (``params="auto"``: not in the optimizer now).
 
         Radii are keyed by parameter name when the hook was given a model, else by position in the optimizer.
+
+        Returns:
+            A dictionary with keys ``"p"`` (the norm), ``"radius_scale"`` (a float), ``"radius"`` (``{key: 1-D
+            tensor}``, the base radii) and ``"waiting"`` (a list of keys), plain Python and tensors: save it next to
+            the optimizer's ``state_dict()``.
         """
-        return {"p": self.p, "radius_scale": self._radius_scale, "radius": state_to_dict(self.keys, self._radii)}
+        return {"p": self.p, "radius_scale": self._radius_scale, "radius": self._values_state(),
+                "waiting": self._waiting_keys()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the state from :meth:`state_dict` (exactly; the weights themselves come from the model's).
+
+        ``waiting`` may be absent (a state saved before it existed).
+
+        Args:
+            state_dict: a dictionary returned by :meth:`state_dict` (of this hook or of one built on the same
+                parameters).
 
         Raises:
             ValueError: if an entry is missing or malformed, or the saved radii are for other parameters or other
@@ -193,7 +241,7 @@ class WeightNormProjection(ChannelHook):
         p, scale, radii = required_entries(self._owner, state_dict, ("p", "radius_scale", "radius"))
         p = check_norm_order(p, f"{self._owner}.load_state_dict")
         scale = check_positive_number(scale, "radius_scale", "the state is corrupt", f"{self._owner}.load_state_dict")
-        load_state_from_dict(self._owner, "radius", self.keys, self._radii, radii)
+        self._load_values(radii, state_dict.get("waiting", []))
         self.p = p
         self._radius_scale = scale
 
