@@ -92,6 +92,11 @@ def main(argv=None) -> int:
     for v in variants.values():
         for arch, r in v["archs"].items():
             by_arch.setdefault(arch, []).append((v, r))
+    short = [(v, v["archs"].get(main_arch)) for v in variants.values() if v.get("short_channel")]
+    if short:
+        print("Short channels, not held to the L∞ budget (one merge per channel, not amortised): " + "; ".join(
+            f"{v['case']}: {sum(per_value(v, r)):.1f} SASS/value" for v, r in short if r and "error" not in r))
+        print()
     print("| target | variants | failed | spilling (fp16/bf16/fp32) | max regs, streaming | max compile CPU s | "
           "PTX type mismatches |")
     print("|---|---|---|---|---|---|---|")

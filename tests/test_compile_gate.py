@@ -20,6 +20,7 @@ value; and a bounded number of variants over batch sizes 1..256 of one layer.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -123,11 +124,16 @@ def per_value(v, r):
 
 
 def _statistics_passes(results, arch="90"):
-    """{(dtype, low precision, block columns, several channels per tile): {(role, KPAD): [SASS per value]}}."""
+    """{(dtype, low precision, block columns, several channels per tile): {(role, KPAD): [SASS per value]}}.
+
+    Channels shorter than one chunk of group merges (ResNet-50's 7x7 stage at batch 256: 12,544 values, one
+    merge per channel) are left out: their merges cannot be amortised, whatever the tiles, and the whole pass
+    over such a layer is a few microseconds. benchmarks/compile_gate.py prints them.
+    """
     out = {}
     for v in results["variants"].values():
         r = v["archs"].get(arch)
-        if r is None or "error" in r or v["role"] not in ("L1 |d| pass", "L∞ stats pass"):
+        if r is None or "error" in r or v["role"] not in ("L1 |d| pass", "L∞ stats pass") or v["short_channel"]:
             continue
         c = v["constexprs"]
         layer = (c["DT"], c["TREE"], c["BLOCK_B"], int(c["BLOCK_C"]) > 1)
@@ -149,6 +155,13 @@ def _check_linf_budget(results, ratios):
                 compared += 1
                 assert linf <= bound * reference, (layer, kpad, linf, reference)
     assert compared, "no L1/L∞ pair of statistics passes in the table"
+    # The exemption covers short channels only (fewer than 2^16 values: the planned chunk is 8192 / 2k groups
+    # of 2048-value blocks), never a layer whose pass is long enough to be memory-bound.
+    for v in results["variants"].values():
+        if v["short_channel"]:
+            shape = [int(d) for d in v["case"].split(" ")[0].split("x")]
+            values = shape[0] * math.prod(shape[2:])
+            assert values < 2**16, (v["case"], values)
 
 
 def _check_bounded_variants(results):

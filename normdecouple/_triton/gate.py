@@ -246,6 +246,7 @@ class Use:
     bytes_per_value: int
     parity: str | None  # jit_parity of that launch
     role: str  # "mean", "dev" (L1 |d|), "stats" (L∞ with candidates), "partials", "normalize", ...
+    short: bool = False  # L∞ groups: the channel is shorter than one planned chunk, so merges are not amortised
 
 
 def variants(subset: str, config: P.TileConfig = P.GPU_CONFIG) -> dict[str, tuple[Variant, Use]]:
@@ -268,8 +269,13 @@ def variants(subset: str, config: P.TileConfig = P.GPU_CONFIG) -> dict[str, tupl
                                 if isinstance(v, P.Ref) and v.name in ELEMENT_TENSORS)
             consts = dict(step.constexprs)
             chunk = int(args.get("chunk", 1)) if consts.get("KPAD", 0) > 1 else 1
+            role = _role(step, consts)
+            short = False
+            if role == "L∞ stats pass" and consts["KPAD"] > 1:
+                short = chunk < P._groups(consts["BLOCK_C"], consts["BLOCK_N"], consts["KPAD"], config,
+                                              bool(consts["FLAT"]))[1]
             found[variant.key] = (variant, Use(label, chunk, element_bytes, jit_parity(step, dtypes, variant),
-                                               _role(step, consts)))
+                                               role, short))
     return found
 
 
@@ -484,6 +490,17 @@ def compile_variant(variant: Variant, arch: int) -> dict:
     }
 
 
+def _source_digest() -> str:
+    """A digest of the kernels' source: a cached result is reused only for the very kernels it compiled."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("kernels.py", "act_kernels.py"):
+        with open(os.path.join(os.path.dirname(__file__), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def _compile_job(job):
     variant, arch = job
     return variant.key, arch, compile_variant(variant, arch)
@@ -496,10 +513,11 @@ def run(subset: str, archs=(90, 80), jobs: int = 2, cache: str | None = None) ->
 
     found = variants(subset)
     known = {}
+    version = f"{triton.__version__} {_source_digest()}"
     if cache and os.path.exists(cache):
         with open(cache) as f:
             stored = json.load(f)
-        if stored.get("triton") == triton.__version__:
+        if stored.get("triton") == version:
             known = stored["variants"]
     todo = [(v, arch) for key, (v, _) in found.items() for arch in archs
             if str(arch) not in known.get(key, {}).get("archs", {})]
@@ -512,14 +530,15 @@ def run(subset: str, archs=(90, 80), jobs: int = 2, cache: str | None = None) ->
         results[key].update(module=variant.module, kernel=variant.kernel, case=use.case, chunk=use.chunk,
                             bytes_per_value=use.bytes_per_value, values_per_thread=variant.values_per_thread,
                             constexprs={k: _show(v) for k, v in variant.constexprs},
-                            signature=dict(variant.signature), jit_parity=use.parity, role=use.role)
+                            signature=dict(variant.signature), jit_parity=use.parity, role=use.role,
+                            short_channel=use.short)
     layers = BATCH_LAYERS if subset == "full" else BATCH_LAYERS[:2]
     batches = {f"{shape} {'NHWC' if cl else 'NCHW'} {dtype} {norm.value}{k}{' lowp' if lowp else ''}":
                len(batch_size_variants(shape, cl, dtype, norm, k, lowp))
                for shape, cl, dtype, norm, k, lowp in layers}
     out = {"triton": triton.__version__, "variants": results, "batch_size_variants": batches}
     if cache:
-        merged = {"triton": triton.__version__, "variants": {**known, **results}}
+        merged = {"triton": version, "variants": {**known, **results}}
         with open(cache, "w") as f:
             json.dump(merged, f)
     return out

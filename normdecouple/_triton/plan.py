@@ -77,8 +77,12 @@ class TileConfig:
         reload_values: L∞ with k > 1: values per channel the finalising kernel reloads (the 2k chosen groups);
             it sets the groups' size, and so how many blocks pass between two merges of the group keys.
         num_warps: warps per program.
-        wide_warps: warps of the L∞ statistics pass with k > 1 on tiles of several channels, whose group
-            merges need the registers of twice the threads (at 4 warps a channels_last tile's top-k spills).
+        wide_warps: warps of the L∞ statistics pass with k > 1, whose group merges need the registers of twice
+            the threads (at 4 warps a channels_last tile's top-k spills, and a one-channel tile of short rows
+            (7x7, 14x14) needs up to 196 registers on sm_90).
+        whole_chunks: L∞ with k > 1: never split a channel into pieces shorter than one chunk of group merges
+            (the GPU amortises each merge over a whole chunk; the interpreter keeps several splits per channel
+            so that the tests merge candidates across splits).
     """
 
     stream_elems: int
@@ -91,6 +95,7 @@ class TileConfig:
     reload_values: int
     num_warps: int
     wide_warps: int
+    whole_chunks: bool
 
     @property
     def threads(self) -> int:
@@ -107,16 +112,19 @@ class TileConfig:
 
 
 # GPU: 2048 values per tile is 16 per thread at 4 warps, enough for 128-bit loads; 4096-value persistent
-# tiles stay in registers; ~4 programs per SM hide memory latency (528 on an H100/H200's 132 SMs).
+# tiles stay in registers; ~4 programs per SM hide memory latency (528 on an H100/H200's 132 SMs). The L∞
+# finalising kernel reloads 8192 values per channel (1% of a (256, 64, 56, 56) channel): chunks of group
+# merges twice as long as with 4096, which brings k = 64 in float32 from 5.0x to 2.8x the L1 pass's
+# instructions per value (benchmarks/RESULTS.md, section 7).
 GPU_CONFIG = TileConfig(
     stream_elems=2048, channel_tile=32, fused_max_n=4096, fused_elems=4096, target_programs=528,
-    finalize_block_c=16, finalize_block_q=64, reload_values=4096, num_warps=4, wide_warps=8,
+    finalize_block_c=16, finalize_block_q=64, reload_values=8192, num_warps=4, wide_warps=8, whole_chunks=True,
 )
 # The interpreter runs every program as numpy calls: tiny tiles keep the tests fast and make small shapes
 # span several blocks, splits, chunks and tree levels, so the looping code runs.
 INTERPRETER_CONFIG = TileConfig(
     stream_elems=16, channel_tile=4, fused_max_n=16, fused_elems=64, target_programs=6,
-    finalize_block_c=4, finalize_block_q=2, reload_values=16, num_warps=1, wide_warps=1,
+    finalize_block_c=4, finalize_block_q=2, reload_values=16, num_warps=1, wide_warps=1, whole_chunks=False,
 )
 
 
@@ -380,7 +388,7 @@ def _columns(b: int, per_row: int) -> int:
 
 
 def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, min_block_n: int = 1,
-                 group_k: int = 0, elems: int | None = None) -> Tiles:
+                 group_k: int = 0, elems: int | None = None, channel_tile: int | None = None) -> Tiles:
     """Tiles and splits of a streaming pass over the channels of ``space`` read with strides ``st``.
 
     A tile holds about ``config.stream_elems`` values: ``channel_tile`` channels by few values when channels
@@ -393,7 +401,7 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
     elems = elems or config.stream_elems
     if _channels_contiguous(st, space):
         # L∞ with a large k keeps 2 x k int64 keys per channel in registers: fewer channels per tile.
-        block_c = min(next_pow2(c), config.channel_tile, max(1, 1024 // max(group_k, 1)))
+        block_c = min(next_pow2(c), channel_tile or config.channel_tile, max(1, 1024 // max(group_k, 1)))
         per_row = max(elems // block_c, min_block_n)
     else:
         block_c = 1
@@ -422,7 +430,11 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
     per_split = cdiv(blocks, splits)
     chunk = group = 1
     if group_k > 1:
-        group, chunk = _groups(block_c, block_n, group_k, config)
+        group, chunk = _groups(block_c, block_n, group_k, config, flat)
+        if config.whole_chunks and per_split < chunk:
+            # Fewer, longer splits: a merge costs the same whatever the chunk's length.
+            splits = max(1, blocks // chunk)
+            per_split = cdiv(blocks, splits)
         chunk = min(per_split, chunk)
         per_split = cdiv(per_split, chunk) * chunk
     splits = cdiv(blocks, per_split)
@@ -431,18 +443,20 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
 
 #: Values per tile of the low-precision tree's later levels (over the block means of the level before).
 TREE_LEVEL_ELEMS = 128
-def _group_warps(block_c: int, config: TileConfig) -> int:
-    """Warps of the L∞ statistics pass with groups: ``wide_warps`` for a tile of several channels (the key merges
-    of a [block_c, 2 G] tensor need the registers of twice the threads), the usual otherwise (at 8 warps,
-    sm_80's ptxas aims at 64 registers a thread and spills the merge of a one-channel tile)."""
-    return config.wide_warps if block_c > 1 else config.num_warps
+def _group_warps(block_c: int, flat: bool, config: TileConfig) -> int:
+    """Warps of the L∞ statistics pass with groups: ``wide_warps`` (the key merges of a [block_c, 2 G] tensor
+    need the registers of twice the threads: at 4 warps a one-channel tile of 7x7 rows takes 196 registers on
+    sm_90 and a (2, 32, 128, 128, 128) float32 one spills), except for the flat one-channel blocks of the
+    low-precision tree, whose pairwise means across 8 warps cost 1.5x the instructions and spill in bf16 at
+    k = 64, while 4 warps stay within 101 registers."""
+    return config.num_warps if (flat and block_c == 1) else config.wide_warps
 
 
 #: Values the finalising kernel reloads per step of the L∞ groups (its top-k runs on twice as many).
 RELOAD_STEP = 1024
 
 
-def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig) -> tuple[int, int]:
+def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig, flat: bool = False) -> tuple[int, int]:
     """(columns per group, blocks per chunk) of the L∞ candidate groups (kernels.py, "L∞ candidates").
 
     A block row has G >= kpad groups, just enough that the [block_c, 2 G] keys of a merge give every thread one
@@ -451,7 +465,7 @@ def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig) -> tuple[
     chunk of blocks passes between two merges, as many as keep the 2 kpad reloaded groups within the reload
     budget; the merges then cost about 4 kpad log2(kpad)^2 / reload instructions per value, whatever G.
     """
-    threads = 32 * _group_warps(block_c, config)
+    threads = 32 * _group_warps(block_c, flat, config)
     g = min(block_n, max(kpad, next_pow2(cdiv(threads, 2 * block_c)), next_pow2(cdiv(2 * kpad * block_n, RELOAD_STEP))))
     group = block_n // g
     # A large k merges 2 k keys: a longer chunk (and reload) keeps the merges a small part of the pass.
@@ -576,7 +590,7 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         bld.launch("kernels", "channel_reduce_kernel", tiles.programs, args, dict(
             CENTERED=center is not None and level == 1, TREE=tree, FINAL=final, DT=dt, ACC=acc_tl,
             KPAD=level_kpad, IDX64=idx64, **tiles.constexprs(), GROUP=tiles.group if level_kpad > 1 else 1),
-            num_warps=_group_warps(tiles.block_c, bld.config) if level_kpad > 1 else None)
+            num_warps=_group_warps(tiles.block_c, tiles.flat, bld.config) if level_kpad > 1 else None)
         if final:
             return first, signs, cand
         level += 1
@@ -681,7 +695,7 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
         block_c = 1
         block_q = max(1, config.finalize_block_q * 2 // kpad)
         # The reload step: blocks of the chosen groups, RELOAD_STEP values at a time (a larger top-k spills).
-        planned = _groups(first.block_c, first.block_n, kpad, config)[1]
+        planned = _groups(first.block_c, first.block_n, kpad, config, first.flat)[1]
         fin_const["CHUNK"] = min(next_pow2(planned), max(1, RELOAD_STEP // (2 * kpad * first.group)))
     if how == "host":
         bld.steps.append(HostTopk(k, factor, eps, root_eps, lowp))
@@ -747,7 +761,11 @@ def plan_backward(x: Spec, dy: Spec, weight_dtype: torch.dtype | None, norm: Nor
         return Plan(space, strides, copies, "dx", tuple(bld.buffers), tuple(bld.steps))
     # L∞ keeps four accumulators per value (two sums, two packed counts): half a tile keeps it within 128
     # registers (the reduction and the elementwise pass share their tiles and splits).
-    tiles = stream_tiles(space, sx, config, flat=False, elems=_elems(config, acc, halve=not l1))
+    # float64 L∞ on channels_last: half the channels per tile (with 32, the per-channel float64 constants of
+    # backward_dx_kernel need 141 registers on sm_90).
+    wide64 = acc == torch.float64 and not l1
+    tiles = stream_tiles(space, sx, config, flat=False, elems=_elems(config, acc, halve=not l1),
+                         channel_tile=max(1, config.channel_tile // 2) if wide64 else None)
     partials = bld.buffer("partials", (2, c, tiles.splits), acc)
     counts = bld.buffer("counts", (4, c, tiles.splits), torch.int32) if not l1 else partials
     idx64 = _tensor_idx64(space, tiles, sx, sdy, sdx) or _needs_idx64(4 * c * tiles.splits)
