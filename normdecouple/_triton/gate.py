@@ -553,8 +553,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", help="reuse and extend this results file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("the gate compiles JIT kernels: unset TRITON_INTERPRET", file=sys.stderr)
-        return 2
+        parser.error("the gate compiles JIT kernels: unset TRITON_INTERPRET")  # exits with status 2
     out = run(args.subset, tuple(int(a) for a in args.archs.split(",")), args.jobs, args.cache)
     if args.json:
         with open(args.json, "w") as f:
