@@ -161,9 +161,8 @@ def test_cpu_interpret_run_prints_one_table(cpu_run):
     assert result.returncode == (1 if failed else 0), result.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 18 item 1: non-dense inputs on the Triton path (channel chunk "
-                                        "crashes the process, an expanded batch is wrong) until gpu-core lands")
 def test_cpu_interpret_non_dense_layouts_pass(cpu_run):
+    # Issue 18 item 1: before the fix a channel chunk crashed the process and an expanded batch was wrong.
     _, rows = cpu_run
     for layout in ("channel", "expanded"):
         assert rows[("layouts", layout)][0] == "pass", rows[("layouts", layout)]

@@ -21,7 +21,9 @@ References: arXiv:1803.01814
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -73,23 +75,37 @@ class Case:
 
 
 def cases(subset: str) -> list[Case]:
-    """The table: ``"fast"`` (one ResNet layer, the dtypes and norms that matter most) or ``"full"``."""
+    """The table: ``"fast"`` (one ResNet layer, the dtypes and norms that matter most) or ``"full"``.
+
+    The full table covers every factor of the issue without their full product (which would compile for
+    hours): every ResNet-50 shape in both layouts (fp16, L1 and L∞ k = 8: the tilings that depend on the
+    shape), every dtype x norm x low_precision on the (256, 64, 56, 56) layer in both layouts, the 1-d
+    (4096, 2048) and the 3-d (2, 32, 128, 128, 128) inputs, and (in :func:`variants`) the activation
+    epilogues of every dtype, activation and residual.
+    """
     out = []
     if subset == "fast":
         for channels_last in (False, True):
-            for dtype in ("fp16", "fp32"):
-                for norm, k in ((Norm.L1, 1), (Norm.LINF, 8)):
-                    for lowp in ((False, True) if dtype == "fp16" else (False,)):
-                        out.append(Case((256, 64, 56, 56), channels_last, dtype, norm, k, lowp))
+            for norm, k in ((Norm.L1, 1), (Norm.LINF, 8)):
+                for lowp in (False, True):
+                    out.append(Case((256, 64, 56, 56), channels_last, "fp16", norm, k, lowp))
         return out
-    shapes = [((256, c, s, s), cl) for c, s in RESNET50 for cl in (False, True)]
-    shapes += [((4096, 2048), False), ((2, 32, 128, 128, 128), False), ((2, 32, 128, 128, 128), True)]
-    for shape, cl in shapes:
-        for dtype in ("fp16", "bf16", "fp32", "fp64"):
+    for c, side in RESNET50:
+        for channels_last in (False, True):
+            for norm, k in ((Norm.L1, 1), (Norm.LINF, 8)):
+                out.append(Case((256, c, side, side), channels_last, "fp16", norm, k, False))
+    for channels_last in (False, True):
+        for dtype in DTYPES:
             for norm, k in NORMS:
                 for lowp in ((False, True) if dtype in ("fp16", "bf16") else (False,)):
-                    out.append(Case(shape, cl, dtype, norm, k, lowp))
-    return out
+                    out.append(Case((256, 64, 56, 56), channels_last, dtype, norm, k, lowp))
+    for shape, channels_last in (((4096, 2048), False), ((2, 32, 128, 128, 128), False),
+                                 ((2, 32, 128, 128, 128), True)):
+        for dtype in ("fp16", "fp32"):
+            for norm, k in ((Norm.L1, 1), (Norm.LINF, 8)):
+                for lowp in ((False, True) if dtype == "fp16" else (False,)):
+                    out.append(Case(shape, channels_last, dtype, norm, k, lowp))
+    return list(dict.fromkeys(out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +179,33 @@ def _specialise(launch: P.Launch, dtypes: dict[str, torch.dtype]) -> Variant:
                    launch.num_warps)
 
 
+def jit_parity(launch: P.Launch, dtypes: dict[str, torch.dtype], variant: Variant) -> str | None:
+    """None if Triton's own JIT binder specialises ``launch`` as :func:`_specialise` did, else the difference.
+
+    The binder runs on CPU tensors of the right dtypes (16-byte aligned, like CUDA allocations); it needs no
+    GPU. This keeps the gate honest if a Triton release changes how it specialises arguments.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _kernel(launch.module, launch.kernel)
+    binder = create_function_from_signature(fn.signature, fn.params, CUDABackend(GPUTarget("cuda", 90, 32)))
+    args = {name: torch.empty(64, dtype=dtypes[v.name]) if isinstance(v, P.Ref) else v for name, v in launch.args}
+    _, specialisation, _ = binder(**args, **dict(launch.constexprs))
+    ours = dict(variant.signature)
+    consts = dict(variant.constexprs)
+    attrs = dict(variant.attrs)
+    for index, (param, (kind, attr)) in enumerate(zip(fn.params, specialisation)):
+        mine = ours[param.name]
+        if kind == "constexpr":
+            if mine != "constexpr" or consts[param.name] != attr:
+                return f"{param.name}: Triton constexpr {attr!r}, gate {mine} {consts.get(param.name)!r}"
+        elif mine != kind or (attr == "D") != (attrs.get(index) == "D"):
+            return f"{param.name}: Triton {kind} {attr!r}, gate {mine} {attrs.get(index)!r}"
+    return None
+
+
 def _case_plans(case: Case, config: P.TileConfig) -> list[tuple[P.Plan, dict[str, torch.dtype]]]:
     dtype = DTYPES[case.dtype]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -177,13 +220,13 @@ def _case_plans(case: Case, config: P.TileConfig) -> list[tuple[P.Plan, dict[str
     return plans
 
 
-def _act_plans(dtype: torch.dtype) -> list[tuple[P.Plan, dict[str, torch.dtype]]]:
+def _act_plans(dtype: torch.dtype, activations=(0, 1, 2)) -> list[tuple[P.Plan, dict[str, torch.dtype]]]:
     """The fused BatchNorm + activation epilogues of a (256, 64, 56, 56) layer: every activation, with and
     without residual, L1 (with the sign bits) and L∞, and the L1 input-gradient kernel."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     view = P.Spec.contiguous((256, 64, 3136), dtype)
     out = []
-    for act in (0, 1, 2):
+    for act in activations:
         for residual in (False, True):
             for signs in (True, False):
                 p = P.plan_act_forward(view, acc, residual, act, signs, 0.01)
@@ -201,14 +244,19 @@ class Use:
     case: str
     chunk: int
     bytes_per_value: int
+    parity: str | None  # jit_parity of that launch
+    role: str  # "mean", "dev" (L1 |d|), "stats" (L∞ with candidates), "partials", "normalize", ...
+    short: bool = False  # L∞ groups: the channel is shorter than one planned chunk, so merges are not amortised
 
 
 def variants(subset: str, config: P.TileConfig = P.GPU_CONFIG) -> dict[str, tuple[Variant, Use]]:
     """Every distinct variant the plans of ``cases(subset)`` (and the activation epilogues) launch."""
     found: dict[str, tuple[Variant, Use]] = {}
     work = [(case.label, plans) for case in cases(subset) for plans in _case_plans(case, config)]
-    act_dtypes = ("fp16", "fp32") if subset == "fast" else tuple(DTYPES)
-    work += [(f"act {d}", plans) for d in act_dtypes for plans in _act_plans(DTYPES[d])]
+    if subset == "fast":
+        work += [("act fp16", plans) for plans in _act_plans(torch.float16, activations=(0, 1))]
+    else:
+        work += [(f"act {d}", plans) for d in DTYPES for plans in _act_plans(DTYPES[d])]
     for label, (p, dtypes) in work:
         for step in p.steps:
             if not isinstance(step, P.Launch):
@@ -219,9 +267,27 @@ def variants(subset: str, config: P.TileConfig = P.GPU_CONFIG) -> dict[str, tupl
             args = dict(step.args)
             element_bytes = sum(dtypes[v.name].itemsize for v in set(args.values())
                                 if isinstance(v, P.Ref) and v.name in ELEMENT_TENSORS)
-            chunk = int(args.get("chunk", 1)) if dict(step.constexprs).get("KPAD", 0) > 1 else 1
-            found[variant.key] = (variant, Use(label, chunk, element_bytes))
+            consts = dict(step.constexprs)
+            chunk = int(args.get("chunk", 1)) if consts.get("KPAD", 0) > 1 else 1
+            role = _role(step, consts)
+            short = False
+            if role == "L∞ stats pass" and consts["KPAD"] > 1:
+                short = chunk < P._groups(consts["BLOCK_C"], consts["BLOCK_N"], consts["KPAD"], config,
+                                              bool(consts["FLAT"]))[1]
+            found[variant.key] = (variant, Use(label, chunk, element_bytes, jit_parity(step, dtypes, variant),
+                                               role, short))
     return found
+
+
+def _role(step: P.Launch, consts: dict) -> str:
+    if step.kernel != "channel_reduce_kernel":
+        return step.kernel.replace("_kernel", "")
+    src = dict(step.args)["src_ptr"]
+    if src != P.Ref("x"):
+        return "partials"
+    if consts["CENTERED"]:
+        return "L1 |d| pass"
+    return "L∞ stats pass" if consts["KPAD"] > 0 else "mean pass"
 
 
 def batch_size_variants(shape: tuple[int, ...], channels_last: bool, dtype: str, norm: Norm, k: int,
@@ -237,9 +303,31 @@ def batch_size_variants(shape: tuple[int, ...], channels_last: bool, dtype: str,
     return keys
 
 
+#: Layers whose variants over batch sizes 1..256 the gate counts (item 15 of issue 18).
+BATCH_LAYERS = [
+    ((256, 64, 56, 56), False, "fp16", Norm.L1, 1, False),
+    ((256, 64, 56, 56), True, "fp16", Norm.LINF, 8, False),
+    ((256, 256, 14, 14), False, "bf16", Norm.LINF, 64, True),
+    ((256, 2048), False, "fp32", Norm.L1, 1, False),
+    ((256, 32, 16, 16, 16), True, "fp16", Norm.LINF, 1, False),
+]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Compiling and reading the binary
 # ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cache_dir(path: str):
+    from triton import knobs
+
+    previous = knobs.cache.dir
+    knobs.cache.dir = path
+    try:
+        yield
+    finally:
+        knobs.cache.dir = previous
 
 
 def _cpu_seconds() -> float:
@@ -354,13 +442,23 @@ def compile_variant(variant: Variant, arch: int) -> dict:
     # CPU seconds of this process and of ptxas (its child), so that a loaded machine does not inflate them.
     start = _cpu_seconds()
     wall = time.perf_counter()
+    # Triton prints ptxas's own report (-v: registers, stack frame, spill stores and loads) when asked.
+    # A fresh cache directory per build, so that every build runs ptxas (and its compile time is real).
+    log = io.StringIO()
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": variant.num_warps, "enable_fp_fusion": True})
+        with tempfile.TemporaryDirectory() as cache, _cache_dir(cache), contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": variant.num_warps, "enable_fp_fusion": True})
     except Exception as error:  # the gate reports a failing variant instead of stopping at it
         return {"error": f"{type(error).__name__}: {str(error)[-2000:]}", "seconds": _cpu_seconds() - start}
+    finally:
+        os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
     seconds = _cpu_seconds() - start
     wall = time.perf_counter() - wall
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())]
+    if not spills:
+        raise RuntimeError(f"no ptxas report in Triton's output (a cached build?): {log.getvalue()[-500:]}")
     tools = _tools()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -368,7 +466,8 @@ def compile_variant(variant: Variant, arch: int) -> dict:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                                text=True, check=True).stdout
-        sass = _annotated_sass(tools, cubin)
+        # Only kernels with an element loop have SASS worth reading (the disassembly costs time).
+        sass = _annotated_sass(tools, cubin) if _marker_lines(fn) else []
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     loops = _loop_report(sass, fn)
     ptx_params = _ptx_params(compiled.asm["ptx"])
@@ -384,11 +483,22 @@ def compile_variant(variant: Variant, arch: int) -> dict:
         "wall_seconds": wall,
         "registers": int(resources.get("REG", 0)),
         "stack": int(resources.get("STACK", 0)),
+        "spill_bytes": sum(spills),
         "local": int(resources.get("LOCAL", 0)),
         **loops,
         "ptx_mismatches": mismatched,
-        "total_instructions": len(sass),
     }
+
+
+def _source_digest() -> str:
+    """A digest of the kernels' source: a cached result is reused only for the very kernels it compiled."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("kernels.py", "act_kernels.py"):
+        with open(os.path.join(os.path.dirname(__file__), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _compile_job(job):
@@ -403,10 +513,11 @@ def run(subset: str, archs=(90, 80), jobs: int = 2, cache: str | None = None) ->
 
     found = variants(subset)
     known = {}
+    version = f"{triton.__version__} {_source_digest()}"
     if cache and os.path.exists(cache):
         with open(cache) as f:
             stored = json.load(f)
-        if stored.get("triton") == triton.__version__:
+        if stored.get("triton") == version:
             known = stored["variants"]
     todo = [(v, arch) for key, (v, _) in found.items() for arch in archs
             if str(arch) not in known.get(key, {}).get("archs", {})]
@@ -419,10 +530,15 @@ def run(subset: str, archs=(90, 80), jobs: int = 2, cache: str | None = None) ->
         results[key].update(module=variant.module, kernel=variant.kernel, case=use.case, chunk=use.chunk,
                             bytes_per_value=use.bytes_per_value, values_per_thread=variant.values_per_thread,
                             constexprs={k: _show(v) for k, v in variant.constexprs},
-                            signature=dict(variant.signature))
-    out = {"triton": triton.__version__, "variants": results}
+                            signature=dict(variant.signature), jit_parity=use.parity, role=use.role,
+                            short_channel=use.short)
+    layers = BATCH_LAYERS if subset == "full" else BATCH_LAYERS[:2]
+    batches = {f"{shape} {'NHWC' if cl else 'NCHW'} {dtype} {norm.value}{k}{' lowp' if lowp else ''}":
+               len(batch_size_variants(shape, cl, dtype, norm, k, lowp))
+               for shape, cl, dtype, norm, k, lowp in layers}
+    out = {"triton": triton.__version__, "variants": results, "batch_size_variants": batches}
     if cache:
-        merged = {"triton": triton.__version__, "variants": {**known, **results}}
+        merged = {"triton": version, "variants": {**known, **results}}
         with open(cache, "w") as f:
             json.dump(merged, f)
     return out
@@ -437,8 +553,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", help="reuse and extend this results file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("the gate compiles JIT kernels: unset TRITON_INTERPRET", file=sys.stderr)
-        return 2
+        parser.error("the gate compiles JIT kernels: unset TRITON_INTERPRET")  # exits with status 2
     out = run(args.subset, tuple(int(a) for a in args.archs.split(",")), args.jobs, args.cache)
     if args.json:
         with open(args.json, "w") as f:

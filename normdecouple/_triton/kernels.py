@@ -45,7 +45,7 @@ import triton.language as tl
 #: batch size must not compile new kernel variants): counts, splits and loop bounds. The channel count and the
 #: strides stay specialised: they are fixed per layer, and their divisibility is what lets the compiler prove
 #: a mask uniform over a vector (``ch < C``) and vectorise the loads.
-_RUNTIME_INTS = ["n", "A", "per_split", "splits", "blocks", "chunk", "channel_n"]
+_RUNTIME_INTS = ["n", "k", "A", "per_split", "splits", "blocks", "chunk", "channel_n"]
 
 
 def _jit(fn):
@@ -308,23 +308,29 @@ def _key_group(key):
 
 
 @triton.jit
+def _key_slots(cand_ptr, ch, splits, split, KPAD: tl.constexpr):
+    """Pointers to the KPAD key slots of the largest x of channels ``ch`` and this split (the smallest follow)."""
+    return cand_ptr + (ch[:, None] * splits + split) * (2 * KPAD) + tl.arange(0, KPAD)[None, :]
+
+
+@triton.jit
 def _spread(v, N: tl.constexpr, R: tl.constexpr):
     """[N] -> [N * R]: each value repeated R times in a row."""
     return tl.reshape(tl.broadcast_to(v[:, None], [N, R]), [N * R])
 
 
 @triton.jit
-def _merge_keys(state, new, KPAD: tl.constexpr, G: tl.constexpr):
+def _merge_keys(state, new, KPAD: tl.constexpr, G: tl.constexpr, EMPTY: tl.constexpr = EMPTY_KEY):
     """The KPAD largest of ``state`` ([ROWS, KPAD]) and ``new`` ([ROWS, G], G >= KPAD), per row.
 
     One top-k over both at once, the state spread to G columns first (copies past its first KPAD replaced by
-    empty keys): a key tensor of at least one value per thread, where a [1, 2 KPAD] one would be replicated in
-    every thread of the program and sorted by each.
+    ``EMPTY``, below every real value): one sorting network instead of two, and a key tensor of at least one
+    value per thread, where a [1, 2 KPAD] one would be replicated in every thread and sorted by each.
     """
     rows: tl.constexpr = state.shape[0]
     if G > KPAD:
         spread = tl.reshape(tl.broadcast_to(state[:, None, :], [rows, G // KPAD, KPAD]), [rows, G])
-        state = tl.where(tl.arange(0, G)[None, :] < KPAD, spread, EMPTY_KEY)
+        state = tl.where(tl.arange(0, G)[None, :] < KPAD, spread, EMPTY)
     return tl.topk(tl.reshape(tl.join(state, new), [rows, 2 * G]), KPAD, dim=1)
 
 
@@ -460,10 +466,9 @@ def channel_reduce_kernel(
     if KPAD > 1:
         G: tl.constexpr = BLOCK_N // GROUP
         tl.static_assert(G >= KPAD)
-        gids = tl.arange(0, G)[None, :] + tl.zeros([BLOCK_C, G], dtype=tl.int32)
         # The running top-k keys live in this split's slots of cand_ptr between merges: in registers, the
         # top-k's output layout holds copies in several threads, for the whole inner loop.
-        keys = cand_ptr + (ch[:, None] * splits + split) * (2 * KPAD) + tl.arange(0, KPAD)[None, :]
+        keys = _key_slots(cand_ptr, ch, splits, split, KPAD)
         empty = tl.full([BLOCK_C, KPAD], EMPTY_KEY, tl.int64)
         tl.store(keys, empty, mask=cmask[:, None])
         tl.store(keys + KPAD, empty, mask=cmask[:, None])
@@ -500,10 +505,11 @@ def channel_reduce_kernel(
             qa, qb = _next_block(qa, qb, NB, FLAT)
         if KPAD > 1:
             # One key per group of the chunk (gid = the chunk's number in the channel * G + the group's column).
-            gid = gids + ((first + start) // chunk) * G
+            gid = tl.arange(0, G)[None, :] + tl.zeros([BLOCK_C, G], dtype=tl.int32) + ((first + start) // chunk) * G
             group_hi = tl.max(tl.reshape(run_hi, [BLOCK_C, G, GROUP]), axis=2)
             group_lo = tl.min(tl.reshape(run_lo, [BLOCK_C, G, GROUP]), axis=2)
             tl.debug_barrier()  # every thread's last store of the keys is visible to every thread
+            keys = _key_slots(cand_ptr, ch, splits, split, KPAD)  # recomputed: not kept alive through the loop
             merged = _merge_keys(tl.load(keys, mask=cmask[:, None]), _group_key(group_hi, gid), KPAD, G)
             tl.store(keys, merged, mask=cmask[:, None])
             merged = _merge_keys(tl.load(keys + KPAD, mask=cmask[:, None]), _group_key(-group_lo, gid), KPAD, G)
@@ -528,6 +534,7 @@ def forward_finalize_kernel(
     sign_part_ptr,  # (C, splits) int32 (L1): partial sums of sign(d)
     cand_ptr,  # (C, splits, 2) ACC (KPAD = 1) or (C, splits, 2, KPAD) int64 group keys (KPAD > 1)
     x_ptr,  # the input, whose chosen groups are reloaded (KPAD > 1)
+    top_ptr,  # (C, KPAD) ACC scratch (KPAD > 1): the running top-k |d| between reload steps
     w_ptr,
     scale_ptr,  # (C,) ACC out: s
     inv_std_ptr,  # (C,) ACC out: 1 / s_e
@@ -555,11 +562,14 @@ def forward_finalize_kernel(
     BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr,
     CHUNK: tl.constexpr,  # blocks of a group reloaded per step: the planned chunk (a power of two >= it)
+    PHASE: tl.constexpr,  # L∞ with k > 1: 1 = reload the chosen groups into top_ptr, 2 = statistics from it
 ):
     """Per channel tile: the scale from the reduced statistics; for L∞ the top-k of |d| over the candidates.
 
-    k > 1 takes one channel per program (BLOCK_C = 1): the KPAD best keys of each side over all splits, then
-    the values of the chosen groups (the groups chosen by both sides once), their |d| and top-k.
+    k > 1 runs twice. Phase 1, one channel per program (BLOCK_C = 1): the KPAD best keys of each side over all
+    splits, then the values of the chosen groups (the groups chosen by both sides once), their |d| and top-k,
+    stored sorted in top_ptr. Phase 2, on a tile of channels: the scale from those top-k values. (One kernel
+    doing both keeps a replicated [1, KPAD] top-k alive through its last steps, which ptxas spills.)
     """
     ch = _channels(tl.program_id(0), BLOCK_C, IDX64)
     cmask = ch < C
@@ -588,24 +598,26 @@ def forward_finalize_kernel(
         top = tl.where(cmask[:, None], tl.maximum(top_hi, top_lo), 0.0)
         stat, threshold = _topk_mean_and_threshold(top, k, kpad_over_k, BLOCK_C, 1, LOWP, DT)
         tl.store(thr_ptr + ch, threshold, mask=cmask)
+    elif PHASE == 2:
+        top = tl.load(top_ptr + ch[:, None] * KPAD + tl.arange(0, KPAD)[None, :], mask=cmask[:, None], other=0.0)
+        stat, threshold = _topk_mean_and_threshold(top, k, kpad_over_k, BLOCK_C, KPAD, LOWP, DT)
+        tl.store(thr_ptr + ch, threshold, mask=cmask)
     else:
         tl.static_assert(BLOCK_C == 1)
-        hi = tl.full([1, KPAD], EMPTY_KEY, tl.int64)
-        lo = tl.full([1, KPAD], EMPTY_KEY, tl.int64)
+        # Row 0: the keys of the largest x (group maxima), row 1: of the smallest (negated minima).
+        best = tl.full([2, KPAD], EMPTY_KEY, tl.int64)
         slots = tl.arange(0, BLOCK_Q * KPAD)
+        side = tl.arange(0, 2)[:, None]
         for start in range(0, splits, BLOCK_Q):
             q = start + slots // KPAD
-            m = cmask[:, None] & (q < splits)[None, :]
-            base = cand_ptr + ((ch[:, None] * splits + q[None, :]) * 2) * KPAD + (slots % KPAD)[None, :]
-            new_hi = tl.load(base, mask=m, other=EMPTY_KEY)
-            new_lo = tl.load(base + KPAD, mask=m, other=EMPTY_KEY)
+            m = (q < splits)[None, :] & (side < 2) & cmask[:, None]
+            base = cand_ptr + ((ch[:, None] * splits + q[None, :]) * 2 + side) * KPAD + (slots % KPAD)[None, :]
+            new = tl.load(base, mask=m, other=EMPTY_KEY)
             # Most splits hold no key above the current k-th: skip their sort.
-            if tl.max(new_hi) > tl.min(hi):
-                hi = _merge_keys(hi, new_hi, KPAD, BLOCK_Q * KPAD)
-            if tl.max(new_lo) > tl.min(lo):
-                lo = _merge_keys(lo, new_lo, KPAD, BLOCK_Q * KPAD)
-        gid_hi = tl.reshape(_key_group(hi), [KPAD])
-        gid_lo = tl.reshape(_key_group(lo), [KPAD])
+            if tl.max((tl.max(new, axis=1) > tl.min(best, axis=1)).to(tl.int32)) > 0:
+                best = _merge_keys(best, new, KPAD, BLOCK_Q * KPAD)
+        gid_hi = _key_group(tl.sum(tl.where(side == 0, best, 0), axis=0))
+        gid_lo = _key_group(tl.sum(tl.where(side == 1, best, 0), axis=0))
         # A group chosen by both sides is reloaded once: its values are candidates once.
         twice = tl.max((gid_lo[:, None] == gid_hi[None, :]).to(tl.int32), axis=1) > 0
         gid_lo = tl.where(twice, NO_GROUP, gid_lo)
@@ -618,15 +630,18 @@ def forward_finalize_kernel(
             column = column.to(tl.int64)
         # Each step reloads CHUNK blocks of every chosen group: [2 KPAD groups, CHUNK blocks, GROUP columns].
         WIDTH: tl.constexpr = 2 * KPAD * CHUNK * GROUP
-        slot = tl.arange(0, WIDTH)
-        block_in_chunk = (slot // GROUP) % CHUNK
-        member = slot % GROUP
-        gid_of = _spread(gid, 2 * KPAD, CHUNK * GROUP)
-        chunk_of = _spread(chunk_no, 2 * KPAD, CHUNK * GROUP)
-        column_of = _spread(column, 2 * KPAD, CHUNK * GROUP)
-        best = tl.full([1, KPAD], -1.0, ACC)
+        # The running top-k lives in top_ptr between steps: in registers, the top-k's output layout is a copy of
+        # it in every thread, kept alive through the loop (ptxas then spills).
+        top_slots = top_ptr + ch[:, None] * KPAD + tl.arange(0, KPAD)[None, :]
+        tl.store(top_slots, tl.full([1, KPAD], -1.0, ACC), mask=cmask[:, None])
         for start in range(0, chunk, CHUNK):
-            step = start + block_in_chunk
+            # Recomputed each step: [WIDTH] index tensors kept alive through the loop make ptxas spill.
+            slot = tl.arange(0, WIDTH)
+            member = slot % GROUP
+            gid_of = _spread(gid, 2 * KPAD, CHUNK * GROUP)
+            chunk_of = _spread(chunk_no, 2 * KPAD, CHUNK * GROUP)
+            column_of = _spread(column, 2 * KPAD, CHUNK * GROUP)
+            step = start + (slot // GROUP) % CHUNK
             q = chunk_of * chunk + step  # the chunk's blocks, in order
             qa, qb = _block(q, NB, FLAT)
             a, b, valid = _positions(qa, qb, column_of + member, A, B, BLOCK_B, BLOCK_N, FLAT)
@@ -635,14 +650,16 @@ def forward_finalize_kernel(
             m = cmask[:, None] & valid[None, :]
             values = tl.load(x_ptr + offsets, mask=m, other=0.0).to(ACC)
             abs_d = tl.where(m, tl.abs(_deviation(values, mean, LOWP, DT)), -1.0)
-            best = _merge_topk(best, tl.topk(abs_d, KPAD, dim=1), KPAD)
-        stat, threshold = _topk_mean_and_threshold(best, k, kpad_over_k, 1, KPAD, LOWP, DT)
-        tl.store(thr_ptr + ch, threshold, mask=cmask)
-    gamma = _gamma(w_ptr, ch, cmask, HAS_W, BLOCK_C, ACC)
-    scale, inv_std, mult = _finish_scale(stat, factor, eps, root_eps, gamma, LOWP, DT, ACC)
-    tl.store(scale_ptr + ch, scale, mask=cmask)
-    tl.store(inv_std_ptr + ch, inv_std, mask=cmask)
-    tl.store(mult_ptr + ch, mult, mask=cmask)
+            tl.debug_barrier()
+            top_slots = top_ptr + ch[:, None] * KPAD + tl.arange(0, KPAD)[None, :]
+            top = _merge_keys(tl.load(top_slots, mask=cmask[:, None], other=-1.0), abs_d, KPAD, WIDTH, -1.0)
+            tl.store(top_slots, top, mask=cmask[:, None])
+    if KPAD == 1 or PHASE == 2:
+        gamma = _gamma(w_ptr, ch, cmask, HAS_W, BLOCK_C, ACC)
+        scale, inv_std, mult = _finish_scale(stat, factor, eps, root_eps, gamma, LOWP, DT, ACC)
+        tl.store(scale_ptr + ch, scale, mask=cmask)
+        tl.store(inv_std_ptr + ch, inv_std, mask=cmask)
+        tl.store(mult_ptr + ch, mult, mask=cmask)
 
 
 @_jit
@@ -960,6 +977,10 @@ def backward_dx_kernel(
     gamma = _gamma(w_ptr, ch, cmask, HAS_W, BLOCK_C, ACC)
     g_inv, offset, coef, share = _dx_coefficients(sum_dy, sum_dy_xhat, gamma, scale, inv_std, sign_sum, n_above,
                                                   sign_above, n_tied, sign_tied, factor, n, k, L1, ACC)
+    # Before the loop: values kept alive through it only for a final store make ptxas spill.
+    if split == 0:
+        tl.store(dw_ptr + ch, sum_dy_xhat, mask=cmask)
+        tl.store(db_ptr + ch, sum_dy, mask=cmask)
     qa, qb = _block(split * per_split, NB, FLAT)
     for step in range(per_split):
         a, b, valid = _positions(qa, qb, j, A, B, BLOCK_B, BLOCK_N, FLAT)
@@ -972,6 +993,3 @@ def backward_dx_kernel(
         dx = dy * g_inv[:, None] + offset[:, None] + coef[:, None] * u
         dx_off, _ = _tile(ch, a, b, valid, C, dx_sa, dx_sb, dx_sc)
         tl.store(dx_ptr + dx_off, to_output(dx, DT), mask=mask)
-    if split == 0:
-        tl.store(dw_ptr + ch, sum_dy_xhat, mask=cmask)
-        tl.store(db_ptr + ch, sum_dy, mask=cmask)

@@ -77,6 +77,12 @@ class TileConfig:
         reload_values: L∞ with k > 1: values per channel the finalising kernel reloads (the 2k chosen groups);
             it sets the groups' size, and so how many blocks pass between two merges of the group keys.
         num_warps: warps per program.
+        wide_warps: warps of the L∞ statistics pass with k > 1, whose group merges need the registers of twice
+            the threads (at 4 warps a channels_last tile's top-k spills, and a one-channel tile of short rows
+            (7x7, 14x14) needs up to 196 registers on sm_90).
+        whole_chunks: L∞ with k > 1: never split a channel into pieces shorter than one chunk of group merges
+            (the GPU amortises each merge over a whole chunk; the interpreter keeps several splits per channel
+            so that the tests merge candidates across splits).
     """
 
     stream_elems: int
@@ -88,6 +94,8 @@ class TileConfig:
     finalize_block_q: int
     reload_values: int
     num_warps: int
+    wide_warps: int
+    whole_chunks: bool
 
     @property
     def threads(self) -> int:
@@ -104,16 +112,19 @@ class TileConfig:
 
 
 # GPU: 2048 values per tile is 16 per thread at 4 warps, enough for 128-bit loads; 4096-value persistent
-# tiles stay in registers; ~4 programs per SM hide memory latency (528 on an H100/H200's 132 SMs).
+# tiles stay in registers; ~4 programs per SM hide memory latency (528 on an H100/H200's 132 SMs). The L∞
+# finalising kernel reloads 8192 values per channel (1% of a (256, 64, 56, 56) channel): chunks of group
+# merges twice as long as with 4096, which brings k = 64 in float32 from 5.0x to 2.8x the L1 pass's
+# instructions per value (benchmarks/RESULTS.md, section 7).
 GPU_CONFIG = TileConfig(
     stream_elems=2048, channel_tile=32, fused_max_n=4096, fused_elems=4096, target_programs=528,
-    finalize_block_c=16, finalize_block_q=64, reload_values=2048, num_warps=4,
+    finalize_block_c=16, finalize_block_q=64, reload_values=8192, num_warps=4, wide_warps=8, whole_chunks=True,
 )
 # The interpreter runs every program as numpy calls: tiny tiles keep the tests fast and make small shapes
 # span several blocks, splits, chunks and tree levels, so the looping code runs.
 INTERPRETER_CONFIG = TileConfig(
     stream_elems=16, channel_tile=4, fused_max_n=16, fused_elems=64, target_programs=6,
-    finalize_block_c=4, finalize_block_q=2, reload_values=16, num_warps=1,
+    finalize_block_c=4, finalize_block_q=2, reload_values=16, num_warps=1, wide_warps=1, whole_chunks=False,
 )
 
 
@@ -361,15 +372,15 @@ def _channels_contiguous(st: Strides, space: Space) -> bool:
 MIN_BLOCK_COLUMNS = 16
 
 
-def _columns(a: int, b: int, per_row: int) -> int:
-    """Columns of a 2-D block: the power of two that pads the (a, b) array least (a 56 x 56 map in rows of
-    64 values, 49 per row exactly, rather than 2048 + 1088), the wider one on ties."""
+def _columns(b: int, per_row: int) -> int:
+    """Columns of a 2-D block: the power of two that pads a row of b values least (a 56 x 56 map in rows of 64
+    values, 49 per row exactly, rather than 2048 + 1088), the wider one on ties. It depends on the spatial size
+    only, never on the batch: a new batch size compiles no new variant (issue 18, item 15)."""
     widest = min(next_pow2(b), per_row)
     best, best_cost = widest, None
     width = widest
     while width >= min(MIN_BLOCK_COLUMNS, widest):
-        rows = min(max(per_row // width, 1), next_pow2(a))
-        cost = cdiv(a, rows) * rows * cdiv(b, width) * width
+        cost = cdiv(b, width) * width
         if best_cost is None or cost < best_cost:
             best, best_cost = width, cost
         width //= 2
@@ -377,7 +388,7 @@ def _columns(a: int, b: int, per_row: int) -> int:
 
 
 def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, min_block_n: int = 1,
-                 group_k: int = 0, elems: int | None = None) -> Tiles:
+                 group_k: int = 0, elems: int | None = None, channel_tile: int | None = None) -> Tiles:
     """Tiles and splits of a streaming pass over the channels of ``space`` read with strides ``st``.
 
     A tile holds about ``config.stream_elems`` values: ``channel_tile`` channels by few values when channels
@@ -390,7 +401,7 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
     elems = elems or config.stream_elems
     if _channels_contiguous(st, space):
         # L∞ with a large k keeps 2 x k int64 keys per channel in registers: fewer channels per tile.
-        block_c = min(next_pow2(c), config.channel_tile, max(1, 1024 // max(group_k, 1)))
+        block_c = min(next_pow2(c), channel_tile or config.channel_tile, max(1, 1024 // max(group_k, 1)))
         per_row = max(elems // block_c, min_block_n)
     else:
         block_c = 1
@@ -401,8 +412,10 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
         nb = 1
         blocks = cdiv(n, block_n)
     else:
-        block_b = _columns(a, b, per_row)
-        block_a = min(max(per_row // block_b, 1), next_pow2(a))
+        # The block's shape follows the layer (spatial size, channels, layout), not the batch: a small batch
+        # leaves rows of the block masked rather than compiling a narrower variant.
+        block_b = _columns(b, per_row)
+        block_a = max(per_row // block_b, 1)
         block_n = block_a * block_b
         if block_n < min_block_n:
             block_a = cdiv(min_block_n, block_b)
@@ -417,25 +430,47 @@ def stream_tiles(space: Space, st: Strides, config: TileConfig, *, flat: bool, m
     per_split = cdiv(blocks, splits)
     chunk = group = 1
     if group_k > 1:
-        group, chunk = _groups(block_c, block_n, group_k, config)
+        group, chunk = _groups(block_c, block_n, group_k, config, flat)
+        if config.whole_chunks and per_split < chunk:
+            # Fewer, longer splits: a merge costs the same whatever the chunk's length.
+            splits = max(1, blocks // chunk)
+            per_split = cdiv(blocks, splits)
         chunk = min(per_split, chunk)
         per_split = cdiv(per_split, chunk) * chunk
     splits = cdiv(blocks, per_split)
     return Tiles(block_c, block_b, block_n, flat, nb, blocks, c_tiles, splits, per_split, chunk, group)
 
 
-def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig) -> tuple[int, int]:
+#: Values per tile of the low-precision tree's later levels (over the block means of the level before).
+TREE_LEVEL_ELEMS = 128
+def _group_warps(block_c: int, flat: bool, config: TileConfig) -> int:
+    """Warps of the L∞ statistics pass with groups: ``wide_warps`` (the key merges of a [block_c, 2 G] tensor
+    need the registers of twice the threads: at 4 warps a one-channel tile of 7x7 rows takes 196 registers on
+    sm_90 and a (2, 32, 128, 128, 128) float32 one spills), except for the flat one-channel blocks of the
+    low-precision tree, whose pairwise means across 8 warps cost 1.5x the instructions and spill in bf16 at
+    k = 64, while 4 warps stay within 101 registers."""
+    return config.num_warps if (flat and block_c == 1) else config.wide_warps
+
+
+#: Values the finalising kernel reloads per step of the L∞ groups (its top-k runs on twice as many).
+RELOAD_STEP = 1024
+
+
+def _groups(block_c: int, block_n: int, kpad: int, config: TileConfig, flat: bool = False) -> tuple[int, int]:
     """(columns per group, blocks per chunk) of the L∞ candidate groups (kernels.py, "L∞ candidates").
 
-    A block row has G >= kpad groups: enough that the [block_c, 2 G] keys of a merge span every thread (a
-    smaller key tensor is replicated in each thread and sorted by each), few enough that they stay within
-    2048 keys (32 registers a thread). A chunk of blocks passes between two merges, as many as keep the 2 kpad
-    reloaded groups within ``config.reload_values`` values; the cost of the merges per value is then about
-    4 kpad log2(kpad)^2 / reload_values, whatever G.
+    A block row has G >= kpad groups, just enough that the [block_c, 2 G] keys of a merge give every thread one
+    (a smaller key tensor is replicated in each thread and sorted by each; a larger one costs registers) and
+    that one block of the 2 kpad chosen groups fits the finalising kernel's reload step. A
+    chunk of blocks passes between two merges, as many as keep the 2 kpad reloaded groups within the reload
+    budget; the merges then cost about 4 kpad log2(kpad)^2 / reload instructions per value, whatever G.
     """
-    g = min(block_n, max(kpad, config.threads), max(kpad, 256 // block_c))
+    threads = 32 * _group_warps(block_c, flat, config)
+    g = min(block_n, max(kpad, next_pow2(cdiv(threads, 2 * block_c)), next_pow2(cdiv(2 * kpad * block_n, RELOAD_STEP))))
     group = block_n // g
-    return group, max(1, config.reload_values // (2 * kpad * group))
+    # A large k merges 2 k keys: a longer chunk (and reload) keeps the merges a small part of the pass.
+    reload = max(config.reload_values, 64 * kpad)
+    return group, max(1, reload // (2 * kpad * group))
 
 
 def partial_tiles(space: Space, config: TileConfig) -> Tiles:
@@ -484,10 +519,12 @@ def _tensor_idx64(space: Space, tiles: Tiles, *strides: Strides) -> bool:
     return _needs_idx64(index, tiles.programs, *(_span(space, st, rows, cols, chans) for st in strides))
 
 
-def _launch(module: str, kernel: str, grid: int, args: dict, constexprs: dict, config: TileConfig) -> Launch:
+def _launch(module: str, kernel: str, grid: int, args: dict, constexprs: dict, config: TileConfig,
+            num_warps: int | None = None) -> Launch:
     if not 0 < grid < INT32_LIMIT:
         raise ValueError(f"a grid of {grid} programs cannot be launched (CUDA allows 1 to 2^31 - 1 on axis 0)")
-    return Launch(module, kernel, (grid,), tuple(args.items()), tuple(constexprs.items()), config.num_warps)
+    return Launch(module, kernel, (grid,), tuple(args.items()), tuple(constexprs.items()),
+                  num_warps or config.num_warps)
 
 
 def _strides_args(prefix: str, st: Strides) -> dict:
@@ -508,8 +545,9 @@ class _Builder:
         self.buffers.append(Buffer(name, shape, dtype, fill))
         return Ref(name)
 
-    def launch(self, module: str, kernel: str, grid: int, args: dict, constexprs: dict) -> None:
-        self.steps.append(_launch(module, kernel, grid, args, constexprs, self.config))
+    def launch(self, module: str, kernel: str, grid: int, args: dict, constexprs: dict,
+               num_warps: int | None = None) -> None:
+        self.steps.append(_launch(module, kernel, grid, args, constexprs, self.config, num_warps))
 
 
 def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref, center: Ref | None, out: Ref,
@@ -524,7 +562,8 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         ``(level-1 tiles, level-1 sign partials, level-1 candidates)``.
     """
     c = space.c
-    first = stream_tiles(space, st, bld.config, flat=tree, min_block_n=kpad if kpad > 1 else 1, group_k=kpad)
+    first = stream_tiles(space, st, bld.config, flat=tree, min_block_n=kpad if kpad > 1 else 1, group_k=kpad,
+                         elems=_elems(bld.config, acc))
     level, tiles, level_space, level_st, level_src = 1, first, space, st, src
     signs = cand = None
     while True:
@@ -550,7 +589,8 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         idx64 = _tensor_idx64(level_space, tiles, level_st) or _needs_idx64(*buffers)
         bld.launch("kernels", "channel_reduce_kernel", tiles.programs, args, dict(
             CENTERED=center is not None and level == 1, TREE=tree, FINAL=final, DT=dt, ACC=acc_tl,
-            KPAD=level_kpad, IDX64=idx64, **tiles.constexprs(), GROUP=tiles.group if level_kpad > 1 else 1))
+            KPAD=level_kpad, IDX64=idx64, **tiles.constexprs(), GROUP=tiles.group if level_kpad > 1 else 1),
+            num_warps=_group_warps(tiles.block_c, tiles.flat, bld.config) if level_kpad > 1 else None)
         if final:
             return first, signs, cand
         level += 1
@@ -558,9 +598,18 @@ def _reduce_levels(bld: _Builder, tag: str, space: Space, st: Strides, src: Ref,
         level_st = Strides(1, 0, width)
         level_src = target
         if tree:
-            tiles = stream_tiles(level_space, level_st, bld.config, flat=True)
+            # Narrow blocks: the pairwise mean of a wide one costs registers (Triton 3.7 spills at 4 x 512
+            # and needs 155 registers at 1 x 256).
+            tiles = stream_tiles(level_space, level_st, bld.config, flat=True,
+                                 elems=min(TREE_LEVEL_ELEMS, bld.config.stream_elems))
         else:
             tiles = partial_tiles(level_space, bld.config)
+
+
+def _elems(config: TileConfig, acc: torch.dtype, halve: bool = False) -> int:
+    """Values per tile of a streaming pass: half the usual for float64 (twice the registers per value) and
+    where a pass keeps more accumulators per value (``halve``), so that none needs more than 128 registers."""
+    return config.stream_elems // 2 if (halve or acc == torch.float64) else config.stream_elems
 
 
 def _kernel_topk(norm: Norm, k: int, n: int, acc: torch.dtype) -> str:
@@ -623,12 +672,12 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
     mult = bld.buffer("mult", (c,), acc)
     # The input's blocks matter to the finalising kernel only when it reloads groups (L∞, k > 1); elsewhere
     # fixed placeholders, so that they do not make variants of their own.
-    fin = dict(mean_ptr=mean, stat_ptr=mean, sign_part_ptr=mean, cand_ptr=mean, x_ptr=Ref("x"), w_ptr=w,
+    fin = dict(mean_ptr=mean, stat_ptr=mean, sign_part_ptr=mean, cand_ptr=mean, x_ptr=Ref("x"), top_ptr=mean, w_ptr=w,
                scale_ptr=scale, inv_std_ptr=inv_std, mult_ptr=mult, thr_ptr=mean if l1 else threshold,
                sign_ptr=sign_sum if l1 else mean, C=c, n=n, k=k, splits=first.splits, A=1, B=1, NB=1,
                x_sa=0, x_sb=0, x_sc=0, per_split=1, blocks=1, chunk=1, **scalars, kpad_over_k=kpad_over_k)
     fin_const = dict(L1=l1, LOWP=lowp, HAS_W=weight_dtype is not None, DT=dt, ACC=acc_tl, KPAD=kpad,
-                     FLAT=False, BLOCK_B=1, BLOCK_N=1, GROUP=1, CHUNK=1)
+                     FLAT=False, BLOCK_B=1, BLOCK_N=1, GROUP=1, CHUNK=1, PHASE=0)
     block_c = config.finalize_block_c
     block_q = config.finalize_block_q
     if l1:
@@ -640,22 +689,32 @@ def plan_forward(x: Spec, weight_dtype: torch.dtype | None, bias_dtype: torch.dt
         fin.update(cand_ptr=cand)
     elif how == "groups":
         fin.update(cand_ptr=cand, A=space.a, B=space.b, NB=first.nb, **_strides_args("x", sx),
-                   per_split=first.per_split, blocks=first.blocks, chunk=first.chunk)
+                   per_split=first.per_split, blocks=first.blocks, chunk=first.chunk,
+                   top_ptr=bld.buffer("top", (c, kpad), acc))
         fin_const.update(FLAT=first.flat, BLOCK_B=first.block_b, BLOCK_N=first.block_n, GROUP=first.group)
         block_c = 1
         block_q = max(1, config.finalize_block_q * 2 // kpad)
-        # The reload step: the planned chunk of every chosen group, within 1024 values (a larger top-k spills).
-        planned = _groups(first.block_c, first.block_n, kpad, config)[1]
-        fin_const["CHUNK"] = min(next_pow2(planned), max(1, 1024 // (2 * kpad * first.group)))
+        # The reload step: blocks of the chosen groups, RELOAD_STEP values at a time (a larger top-k spills).
+        planned = _groups(first.block_c, first.block_n, kpad, config, first.flat)[1]
+        fin_const["CHUNK"] = min(next_pow2(planned), max(1, RELOAD_STEP // (2 * kpad * first.group)))
     if how == "host":
         bld.steps.append(HostTopk(k, factor, eps, root_eps, lowp))
     else:
         chans, rows, cols = first.padded(space)
         idx64 = _needs_idx64(_span(space, sx, rows, cols, chans), c * first.splits * 2 * kpad, first.programs,
                              first.splits * first.per_split * first.block_n)
+        # The group reload (up to RELOAD_STEP values and a top-k over twice as many) gets twice the threads;
+        # then the statistics from the reloaded top-k, on tiles of channels.
         bld.launch("kernels", "forward_finalize_kernel", cdiv(c, block_c), fin, dict(
-            **fin_const, IDX64=idx64, BLOCK_C=block_c, BLOCK_Q=block_q))
-    norm_tiles = stream_tiles(space, sx, config, flat=False)
+            fin_const, IDX64=idx64, BLOCK_C=block_c, BLOCK_Q=block_q, PHASE=1 if how == "groups" else 0),
+            num_warps=config.wide_warps if how == "groups" else None)
+        if how == "groups":
+            stats = dict(fin, x_ptr=mean, cand_ptr=mean, A=1, B=1, NB=1, x_sa=0, x_sb=0, x_sc=0, per_split=1,
+                         blocks=1, chunk=1)
+            bld.launch("kernels", "forward_finalize_kernel", cdiv(c, config.finalize_block_c), stats, dict(
+                fin_const, FLAT=False, BLOCK_B=1, BLOCK_N=1, GROUP=1, CHUNK=1, PHASE=2, IDX64=_needs_idx64(c * kpad),
+                BLOCK_C=config.finalize_block_c, BLOCK_Q=1))
+    norm_tiles = stream_tiles(space, sx, config, flat=False, elems=_elems(config, acc))
     bld.launch("kernels", "normalize_kernel", norm_tiles.programs, dict(
         x_ptr=Ref("x"), y_ptr=Ref("y"), mean_ptr=mean, mult_ptr=mult, b_ptr=b, C=c, A=space.a, B=space.b,
         NB=norm_tiles.nb, **_strides_args("x", sx), **_strides_args("y", sy), c_tiles=norm_tiles.c_tiles,
@@ -700,10 +759,13 @@ def plan_backward(x: Spec, dy: Spec, weight_dtype: torch.dtype | None, norm: Nor
         ), dict(**common, HAS_W=weight_dtype is not None, IDX64=_tensor_idx64(space, fused, sx, sdy, sdx),
                 **fused.constexprs()))
         return Plan(space, strides, copies, "dx", tuple(bld.buffers), tuple(bld.steps))
-    # L∞ keeps four accumulators per value (two sums, two packed counts): on a tile of several channels each
-    # thread also holds several channels' coefficients, so half a tile keeps it within 128 registers.
-    wide = _channels_contiguous(sx, space) and not l1
-    tiles = stream_tiles(space, sx, config, flat=False, elems=config.stream_elems // 2 if wide else None)
+    # L∞ keeps four accumulators per value (two sums, two packed counts): half a tile keeps it within 128
+    # registers (the reduction and the elementwise pass share their tiles and splits).
+    # float64 L∞ on channels_last: half the channels per tile (with 32, the per-channel float64 constants of
+    # backward_dx_kernel need 141 registers on sm_90).
+    wide64 = acc == torch.float64 and not l1
+    tiles = stream_tiles(space, sx, config, flat=False, elems=_elems(config, acc, halve=not l1),
+                         channel_tile=max(1, config.channel_tile // 2) if wide64 else None)
     partials = bld.buffer("partials", (2, c, tiles.splits), acc)
     counts = bld.buffer("counts", (4, c, tiles.splits), torch.int32) if not l1 else partials
     idx64 = _tensor_idx64(space, tiles, sx, sdy, sdx) or _needs_idx64(4 * c * tiles.splits)
