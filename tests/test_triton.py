@@ -359,3 +359,43 @@ def test_linf_group_candidates_give_the_exact_statistics(device, kind, k, channe
     # gradient of the tied values by far more.
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETER, reason="runs the GPU's tiles on CPU tensors under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", [
+    # (shape, channels_last, dtype, low precision, k): the GPU's group geometry (8-warp group passes, 8192-value
+    # reloads, splits no shorter than a chunk, the 4-warp low-precision tree), with 2048-value tiles.
+    ((4, 2, 96, 96), False, torch.float32, False, 8),
+    ((4, 2, 96, 96), False, torch.float32, False, 64),
+    ((4, 2, 96, 96), True, torch.float32, False, 8),
+    ((64, 3, 7, 7), False, torch.float32, False, 8),  # a short channel: one split, one merge
+    ((4, 2, 96, 96), False, torch.float16, True, 8),
+])
+def test_gpu_tiles_give_the_torch_backends_statistics(case, monkeypatch):
+    # The interpreter's tiny tiles exercise the looping code; the GPU's own tiles (the geometry the compile gate
+    # builds) must compute the same statistics, which only running them can show.
+    from normdecouple._triton import launch
+
+    shape, channels_last, dtype, low_precision, k = case
+    monkeypatch.setattr(launch, "tile_config", lambda device: plan.GPU_CONFIG)
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    x.view(-1)[::97] = 4.0  # ties at the top
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    p = plan.plan_forward(plan.Spec.of(x), None, None, plan.Norm.LINF, k, low_precision, 1e-5, plan.GPU_CONFIG)
+    group_pass = [s for s in p.steps if isinstance(s, plan.Launch) and dict(s.constexprs).get("KPAD", 0) > 1]
+    assert group_pass, "the group candidates did not run"
+    grad = torch.randn(x.shape).to(dtype)
+    # float32: against the float64 math (the PyTorch backend's float32 sums over 36,864 values are themselves
+    # 2e-5 off in the top-k values' gradient); low precision: against the PyTorch backend's rounding, in fp16.
+    reference = torch.float64 if not low_precision else dtype
+    results = []
+    for function, work in ((TritonLpBatchNormFunction, dtype), (LpBatchNormFunction, reference)):
+        xi = x.detach().to(work).requires_grad_()
+        y, mean, scale = function.apply(xi, None, None, 1e-5, "linf", k, low_precision)
+        results.append((y, mean, scale, torch.autograd.grad(y, xi, grad.to(work))[0]))
+    tol = {} if not low_precision else dict(atol=2e-3, rtol=2e-3)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want.to(got.dtype), **tol)
