@@ -3,7 +3,7 @@
 timm does not install usably next to the CPU-only torch here (its torchvision dependency fails), so the tests
 use classes written to behave as ``timm/layers/norm_act.py`` does (timm 1.0): same constructor arguments,
 attributes and forward. Shared by tests/test_convert_subclasses.py, tests/test_distributed.py (its spawned
-ranks import this module by name) and tests/test_lightning_ddp.py.
+ranks import this module by name), tests/test_lightning_ddp.py and tests/test_fuse.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from torch import nn
 
 
 def _make_act(act_layer, act_kwargs, inplace, apply_act):
-    # timm also accepts activation names (its get_act_layer); the tests pass classes.
+    # timm also accepts activation names (its get_act_layer); the tests pass classes. ``inplace`` goes to the
+    # activations that take it, unless act_kwargs says otherwise.
     if act_layer is None or not apply_act:
         return nn.Identity()
     kwargs = dict(act_kwargs or {})
-    if inplace:
-        kwargs["inplace"] = inplace
+    if act_layer in (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.ReLU6):
+        kwargs.setdefault("inplace", inplace)
     return act_layer(**kwargs)
 
 
@@ -104,3 +105,32 @@ class FixedChannelDrop(nn.Module):
         mask = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
         mask[1:2] = 0
         return x * mask.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class BasicBlock(nn.Module):
+    """timm's ResNet ``BasicBlock`` layout: ``bn1`` applies its ReLU itself, ``bn2`` is a BatchNormAct2d without
+    activation, and the block adds the shortcut and applies ``act2`` (``x += shortcut; x = self.act2(x)``)."""
+
+    def __init__(self, cin, cout, stride=1, dtype=torch.float64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False, dtype=dtype)
+        self.bn1 = BatchNormAct2d(cout, dtype=dtype)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False, dtype=dtype)
+        self.bn2 = BatchNormAct2d(cout, apply_act=False, dtype=dtype)
+        self.act2 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False, dtype=dtype),
+                                            BatchNormAct2d(cout, apply_act=False, dtype=dtype))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        x = self.act2(x)
+        return x

@@ -113,11 +113,10 @@ class _ExternalResources(html.parser.HTMLParser):
         attrs = dict(attrs)
         url = attrs.get(self.FETCHED.get(tag, ""))
         # <link rel="canonical"/"next"> is navigation, not a fetch.
-        if tag == "link" and not {"stylesheet", "icon", "preload", "modulepreload", "manifest"} & set(
+        navigation = tag == "link" and not {"stylesheet", "icon", "preload", "modulepreload", "manifest"} & set(
             (attrs.get("rel") or "").split()
-        ):
-            return
-        if url:
+        )
+        if url and not navigation:
             self.urls.append(url)
 
 

@@ -223,7 +223,7 @@ import warnings  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from _timm_like import BasicBlock, BatchNormAct2d  # noqa: E402
+from _timm_support import BasicBlock, BatchNormAct2d  # noqa: E402
 from normdecouple.fuse import RewrittenForward, fusion_plan  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only wait for each other
